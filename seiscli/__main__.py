@@ -1,0 +1,3 @@
+from seiscli.cli import main
+
+main()

@@ -1,0 +1,165 @@
+"""From a resolved recipe to a submitted job and a run directory.
+
+`plan_launch` does everything that can fail on bad input (fitting, rendering) before anything is
+written; `execute` then creates the run directory, submits, and (local backend) follows the run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from seiscli.recipe import Recipe
+from seiscli.render import render_script
+from seiscli.runs import Run, create_run, runs_root
+
+SCRIPT_NAME = {
+    "local": "launch.sh",
+    "slurm": "job.sbatch",
+    "hyperpod-slurm": "job.sbatch",
+    "hyperpod-eks": "job.yaml",  # a HyperPodPyTorchJob manifest
+}
+
+
+@dataclass
+class LaunchPlan:
+    recipe: Recipe
+    script: str
+    root: Path
+    recipe_source: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def backend(self) -> str:
+        return self.recipe.cluster.backend
+
+
+def plan_launch(recipe: Recipe, root: str | Path | None = None, *, recipe_source: Path | None = None) -> LaunchPlan:
+    notes: list[str] = []
+    if recipe.cluster.backend == "local":
+        from seiscli.backends.local import fit_to_machine
+
+        recipe, changes = fit_to_machine(recipe)
+        if changes:
+            notes.append("fitted to this machine: " + ", ".join(changes))
+    base = runs_root(root)
+    # The real directory gets its timestamp at creation; render against a placeholder of the same shape
+    # so that a dry run shows exactly what will be submitted.
+    placeholder = base / recipe.name / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    script = render_script(recipe, placeholder)
+    return LaunchPlan(recipe=recipe, script=script, root=base, recipe_source=recipe_source, notes=notes)
+
+
+def write_run(plan: LaunchPlan) -> Run:
+    run = create_run(plan.recipe, plan.root, recipe_source=plan.recipe_source)
+    script = run.path / SCRIPT_NAME[plan.backend]
+    script.write_text(render_script(plan.recipe, run.path))
+    script.chmod(0o755)
+    run.update_submission(backend=plan.backend, script=script.name)
+    return run
+
+
+def execute(plan: LaunchPlan, *, console: Console, detach: bool = False) -> int:
+    """Create the run, submit it, and return the exit code for the CLI."""
+    from seiscli.backends import get_backend
+    from seiscli.backends.base import JobState, SubmitError
+
+    run = write_run(plan)
+    backend = get_backend(plan.backend)
+    try:
+        job_id = backend.submit(run)
+    except SubmitError as e:
+        run.update_submission(state=JobState.SUBMIT_FAILED.value, error=str(e))
+        console.print(f"[bold red]submission failed:[/] {e}\nrun directory kept for inspection: {run.path}")
+        return 1
+    console.print(f"run [bold]{run.id}[/]  job {job_id}  ({plan.backend})\n  {run.path}", highlight=False)
+    if plan.backend != "local" or detach:
+        return 0
+    from seiscli.backends.local import LocalBackend
+
+    assert isinstance(backend, LocalBackend)
+    return follow_local(run, backend, plan.recipe, console)
+
+
+def follow_local(run: Run, backend: Any, recipe: Recipe, console: Console) -> int:
+    """A progress bar fed by metrics.jsonl while the local run trains; a summary at the end."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  {task.fields[sps]} samples/s"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+    task = progress.add_task(recipe.name, total=recipe.train.steps, loss="-", sps="-")
+    tail = _MetricsTail(run.metrics_path)
+
+    def tick() -> None:
+        for rec in tail.read_new():
+            progress.update(
+                task,
+                completed=rec["step"],
+                loss=f"{rec.get('loss', float('nan')):.4f}",
+                sps=f"{rec.get('samples_per_s', 0):.1f}",
+            )
+
+    try:
+        with progress:
+            code = backend.wait(run, on_tick=tick)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]stopped[/]; logs and checkpoints kept in {run.path}")
+        return 130
+    summary = run.summary()
+    if code == 0:
+        shown = {
+            k: summary[k] for k in ("steps", "final_loss", "samples_per_s", "world_size", "wall_s") if k in summary
+        }
+        console.print(f"[green]completed[/] {json.dumps(shown)}", highlight=False)
+    else:
+        console.print(f"[red]failed[/] (exit {code}); see {run.logs_dir / 'job.out'}")
+        _print_tail(run.logs_dir / "job.out", console)
+    return code
+
+
+class _MetricsTail:
+    """Reads the lines appended to a JSONL file since the last call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset, self.partial = path, 0, b""
+
+    def read_new(self) -> list[dict[str, Any]]:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+                self.offset = f.tell()
+        except OSError:
+            return []
+        lines = (self.partial + chunk).split(b"\n")
+        self.partial = lines.pop()
+        recs = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and "step" in rec:
+                recs.append(rec)
+        return recs
+
+
+def _print_tail(path: Path, console: Console, lines: int = 15) -> None:
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return
+    for line in text:
+        console.print(f"  {line}", highlight=False, markup=False)

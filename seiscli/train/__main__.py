@@ -1,0 +1,5 @@
+import sys
+
+from seiscli.train.entry import main
+
+sys.exit(main())

@@ -1,0 +1,169 @@
+"""The training loop: micro-batches -> engine.forward_backward -> engine.step -> metrics, one line per step."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from seiscli.recipe import Recipe
+from seiscli.train.distributed import DistEnv
+from seiscli.train.flops import MAEFlops, peak_flops
+from seiscli.train.metrics import MetricsLog, summarise, write_summary
+from seiscli.train.model import Plan, batch_masks, patchify
+from seiscli.train.optim import lr_at
+from seiscli.train.parallel import Engine, MicroBatch
+from seiscli.train.signals import StopRequest
+
+
+@dataclass(frozen=True)
+class RunResult:
+    steps: int
+    signal: int | None  # the signal that stopped the run early, None when it ran to the end
+    summary: dict[str, Any]
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+class Trainer:
+    def __init__(
+        self,
+        recipe: Recipe,
+        env: DistEnv,
+        engine: Engine,
+        loader: Iterable[torch.Tensor],
+        plan: Plan,
+        flops: MAEFlops,
+        run_dir: Path,
+    ) -> None:
+        self.recipe, self.env, self.engine, self.loader = recipe, env, engine, loader
+        self.plan, self.flops, self.run_dir = plan, flops, run_dir
+        t = recipe.train
+        self.global_batch = t.micro_batch * t.grad_accum * env.dp_size
+        # Global masked-patch count of one optimizer step: every rank divides its local sum by it.
+        self.loss_scale = 1.0 / (self.global_batch * plan.masked)
+        self.peak = peak_flops(device_name(env.device)) if t.precision == "bf16" else None
+
+    def sample_ids(self, accum: int) -> list[int]:
+        """Index of each local sample within the step's global batch (the same on all ranks of a cp group)."""
+        mb = self.recipe.train.micro_batch
+        first = (accum * self.env.dp_size + self.env.dp_rank) * mb
+        return list(range(first, first + mb))
+
+    def micro_batch(self, x: torch.Tensor, step: int, accum: int) -> MicroBatch:
+        slab = self.env.cp_rank
+        keep, masked = batch_masks(self.plan, self.recipe.train.seed, step, self.sample_ids(accum), slab)
+        dev = self.env.device
+        patches = patchify(x.to(dev, non_blocking=True), self.recipe.model.patch_size)
+        s = self.plan.slab_size
+        patches = patches[:, slab * s : (slab + 1) * s]
+        return MicroBatch(
+            patches,
+            keep.to(dev, non_blocking=True),
+            masked.to(dev, non_blocking=True),
+            offset=slab * s,
+            with_cls=slab == 0,
+        )
+
+    def train_step(self, batches: Iterator[torch.Tensor], step: int, stop: StopRequest) -> tuple[dict[str, Any], bool]:
+        t0 = time.perf_counter()
+        wait = 0.0
+        accum = self.recipe.train.grad_accum
+        loss = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        for a in range(accum):
+            tw = time.perf_counter()
+            try:
+                x = next(batches)
+            except StopIteration:
+                raise RuntimeError(f"the data loader ran out of batches at step {step + 1}") from None
+            wait += time.perf_counter() - tw
+            mb = self.micro_batch(x, step, a)
+            loss += self.engine.forward_backward(mb, loss_scale=self.loss_scale, sync=a == accum - 1)
+        lr = lr_at(step, self.recipe.optim, self.recipe.train.steps)
+        grad_norm = self.engine.step(lr)
+        # One collective per step: the global loss, and whether any rank was asked to stop.
+        stop_vote = torch.tensor(float(stop.signum is not None), dtype=torch.float64, device=loss.device)
+        stats = torch.stack([loss, stop_vote])
+        if self.env.distributed:
+            dist.all_reduce(stats)
+        global_loss, stop_votes = stats.tolist()
+        dt = time.perf_counter() - t0
+        sps = self.global_batch / dt
+        record: dict[str, Any] = {
+            "step": step + 1,
+            "loss": global_loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "step_time_s": dt,
+            "data_wait_s": wait,
+            "samples_per_s": sps,
+            "tokens_per_s": sps * self.plan.n_tokens,
+            "world_size": self.env.world_size,
+            "time": time.time(),
+            "tflops_per_gpu": self.flops.train * sps / self.env.world_size / 1e12,
+        }
+        if self.peak:
+            record["mfu"] = record["tflops_per_gpu"] * 1e12 / self.peak
+        if self.env.device.type == "cuda":
+            record["max_mem_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
+        return record, stop_votes > 0
+
+    def _print(self, r: dict[str, Any]) -> None:
+        extra = f" mfu {r['mfu']:.1%}" if "mfu" in r else ""
+        print(
+            f"step {r['step']}/{self.recipe.train.steps} loss {r['loss']:.4f} lr {r['lr']:.3g} "
+            f"grad_norm {r['grad_norm']:.3g} {r['samples_per_s']:.2f} samples/s "
+            f"{r['tflops_per_gpu']:.2f} TFLOP/s/gpu{extra} data_wait {r['data_wait_s']:.3f}s",
+            flush=True,
+        )
+
+    def run(self, start_step: int = 0, started: float | None = None) -> RunResult:
+        """Train from start_step to recipe.train.steps; `started` (a time.perf_counter() value, default now)
+        is when the process started, for the summary's wall time."""
+        env, t_start = self.env, time.perf_counter() if started is None else started
+        log = MetricsLog(self.run_dir, write=env.is_main)
+        stopped: int | None = None
+        status = "failed"
+        try:
+            with StopRequest() as stop:
+                batches = iter(self.loader)
+                self.engine.module.train()
+                for step in range(start_step, self.recipe.train.steps):
+                    record, stop_now = self.train_step(batches, step, stop)
+                    log.log(record)
+                    if env.is_main and (record["step"] % self.recipe.logging.interval == 0 or stop_now):
+                        self._print(record)
+                    if stop_now:
+                        # A rank without a signal of its own stops too; it reports SIGTERM.
+                        stopped = stop.signum or int(signal.SIGTERM)
+                        break
+            status = "completed" if stopped is None else "stopped"
+        finally:
+            summary = summarise(
+                log.records,
+                status=status,
+                signal=stopped,
+                steps_planned=self.recipe.train.steps,
+                start_step=start_step,
+                world_size=env.world_size,
+                global_batch=self.global_batch,
+                tokens_per_sample=self.plan.n_tokens,
+                mask_ratio_effective=float(self.plan.mask_ratio),
+                train_flops_per_sample=self.flops.train,
+                strategy=self.recipe.parallelism.strategy,
+                precision=self.recipe.train.precision,
+                device=device_name(env.device),
+                wall_time_s=time.perf_counter() - t_start,
+            )
+            log.close()
+            if env.is_main:
+                write_summary(self.run_dir, summary)
+        return RunResult(steps=len(log.records), signal=stopped, summary=summary)
