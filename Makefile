@@ -13,6 +13,9 @@ PYTEST_ARGS ?=
 install:
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
 	$(PIP) install -e ".[train,dev]"
+	# AWS's HyperPodPyTorchJob models, to validate rendered manifests in the tests. Without its dependencies:
+	# it pins old pytest/ruff/click and pulls awscli and hydra, none of which the models need.
+	$(PIP) install --no-deps "sagemaker-hyperpod==3.12.0"
 
 demo: install
 	seis launch smoke
@@ -24,9 +27,10 @@ slurm-down:
 	bash scripts/local-slurm.sh down
 
 # The Slurm cluster is taken down again whatever the tests do.
+# Tests never reach the EC2 metadata address: boto's credential chain is kept on this machine.
 test: install
 	bash scripts/local-slurm.sh up --nodes $(SLURM_NODES)
-	SEIS_REQUIRE_SLURM=1 $(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
+	AWS_EC2_METADATA_DISABLED=true SEIS_REQUIRE_SLURM=1 $(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
 	  bash scripts/local-slurm.sh down; exit $$status
 
 test-fast:

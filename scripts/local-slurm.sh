@@ -2,14 +2,15 @@
 # A real Slurm cluster on this one machine, from Debian's packages, for tests and demos.
 #
 #   scripts/local-slurm.sh up [--nodes N] [--cpus C] [--no-accounting]   start; idempotent, reconfigures on change
-#   scripts/local-slurm.sh status                                      daemons and sinfo; exit 0 when up
-#   scripts/local-slurm.sh down                                        cancel jobs, stop what `up` started
+#   scripts/local-slurm.sh status                                         daemons and sinfo; exit 0 when up
+#   scripts/local-slurm.sh down                                           cancel jobs, stop what `up` started
 #
 # Runs as root without systemd (containers, CI). N slurmd daemons (`slurmd -N nodeK`) share this host, each on
 # its own port, so multi-node jobs (`sbatch -N2`, srun across nodes, a rendezvous on the first node) are real.
 # Daemons are stopped through their pid files, never by name. Accounting (slurmdbd on MariaDB, so that `sacct`
-# answers) is on by default: ~25 s more apt install, ~2 s more start; `--no-accounting` skips it, and seis then
-# falls back to scontrol and the jobcomp/filetxt log.
+# answers as on production clusters) is on by default; `--no-accounting` skips it, and seis then falls back to
+# squeue and the jobcomp/filetxt log. Measured on a 2-core Debian 12 machine: from bare (apt included) 7 s
+# without accounting, 11 s with; from installed packages 0.3 s without, 2 s with; `up` when up: 0.3 s.
 set -euo pipefail
 
 STATE=${SEIS_SLURM_DIR:-/var/lib/seis-slurm}
@@ -27,7 +28,7 @@ die() {
 }
 
 usage() {
-	sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+	sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
 	exit 2
 }
 
@@ -71,8 +72,9 @@ install_packages() {
 	log "installing ${missing[*]}"
 	local t0=$SECONDS
 	export DEBIAN_FRONTEND=noninteractive
-	apt-get update -qq
-	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+	# Explicit returns: callers test this function in `if`, where `set -e` does not apply.
+	apt-get update -qq || return 1
+	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || return 1
 	log "installed in $((SECONDS - t0)) s"
 }
 
@@ -279,7 +281,13 @@ cmd_up() {
 	((EUID == 0)) || die "run as root (it writes $CONF and /etc/hosts and starts daemons)"
 
 	local t0=$SECONDS
-	install_packages slurm-wlm munge
+	# One apt run for everything (an apt-get update costs seconds); accounting is dropped, not fatal, if its
+	# packages cannot be had.
+	if [[ $accounting == 1 ]] && ! install_packages slurm-wlm munge mariadb-server slurmdbd; then
+		log "warning: could not install mariadb-server/slurmdbd; continuing without accounting"
+		accounting=0
+	fi
+	install_packages slurm-wlm munge || die "could not install slurm-wlm munge"
 	mkdir -p "$STATE"/{state,log,spool}
 	start_munge
 

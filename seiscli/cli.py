@@ -409,7 +409,7 @@ def _eks_logs(ref: str, runs_dir: Path | None, **kw: Any) -> bool:
 
 @app.command()
 def doctor(
-    recipe: Annotated[str, typer.Argument(help="The recipe to check (name or YAML path).")] = "pretrain",
+    recipe: Annotated[str, typer.Argument(help="The recipe to check (name or YAML path).")],
     cluster: ClusterOpt = None,
     nodes: Nodes = None,
     set_: Sets = None,

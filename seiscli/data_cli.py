@@ -1,4 +1,4 @@
-"""`seis data ...`: write synthetic MDIO volumes and inspect volumes.
+"""`seis data ...`: write synthetic MDIO volumes, ingest SEG-Y, inspect volumes, measure the loader.
 
 Mounted by `seiscli/cli.py`. numpy, zarr and mdio are imported inside the commands only, so
 `seis --help` stays fast on a login node without them.
@@ -7,7 +7,7 @@ Mounted by `seiscli/cli.py`. numpy, zarr and mdio are imported inside the comman
 from __future__ import annotations
 
 import time
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -49,17 +49,13 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def _stored_bytes(uri: str) -> int | None:
-    from seiscli.data.store import is_remote, local_path
+def _stored_bytes(uri: str, options: dict[str, Any] | None) -> int | None:
+    from seiscli.data.store import stored_bytes
 
-    if is_remote(uri):
+    try:
+        return stored_bytes(uri, options)
+    except OSError:  # listing may be denied where reading is allowed
         return None
-    import os
-
-    total = 0
-    for root, _, files in os.walk(local_path(uri)):
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
-    return total
 
 
 @app.command()
@@ -110,7 +106,7 @@ def synth(
         storage_options=options,
     )
     t2 = time.perf_counter()
-    stored = _stored_bytes(path)
+    stored = _stored_bytes(path, options)
     s = w.stats
     out.print(
         f"wrote {path}: MDIO v1 PostStack3DTime, amplitude {'x'.join(map(str, w.shape))} float32, "
@@ -142,11 +138,11 @@ def inspect(
 
     try:
         vol = open_volume(uri, endpoint_url=endpoint_url, region=region)
-    except VolumeError as e:
+    except (VolumeError, OSError) as e:
         _fail(str(e))
     info = vol.info
     n_chunks = math.prod(math.ceil(n / c) for n, c in zip(info.shape, info.chunks, strict=True))
-    stored = _stored_bytes(uri)
+    stored = _stored_bytes(uri, vol.storage_options)
     table = Table(title=uri, show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value")
@@ -175,3 +171,132 @@ def inspect(
         sign = "-" if centre >= 0 else "+"
         table.add_row("loader normalisation", f"(x {sign} {abs(centre):.6g}) / {scale:.6g}")
     out.print(table)
+
+
+@app.command()
+def ingest(
+    paths: Annotated[list[str], typer.Argument(help="SEG-Y file(s), then the destination (DEST.mdio, or a folder).")],
+    chunks: Annotated[
+        tuple[int, int, int] | None, typer.Option("--chunks", help="Chunk shape (MDIO's default 128 128 128).")
+    ] = None,
+    inline_byte: Annotated[int, typer.Option("--inline-byte", help="Trace-header byte of the inline number.")] = 189,
+    crossline_byte: Annotated[
+        int, typer.Option("--crossline-byte", help="Trace-header byte of the crossline number.")
+    ] = 193,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing datasets.")] = False,
+    endpoint_url: EndpointOpt = None,
+    region: RegionOpt = None,
+) -> None:
+    """Convert post-stack 3D SEG-Y to MDIO v1 with multidimio (PostStack3DTime): `seis data ingest A.segy B.segy
+    s3://bucket/surveys/` writes A.mdio and B.mdio there."""
+    _require("numpy", "zarr", "mdio", "segy")
+    if len(paths) < 2:
+        _fail("ingest needs at least one SEG-Y file and a destination: seis data ingest IN.segy [...] DEST")
+    if chunks is not None and min(chunks) < 1:
+        _fail(f"--chunks {' '.join(map(str, chunks))}: every axis must be >= 1")
+    for name, byte in (("--inline-byte", inline_byte), ("--crossline-byte", crossline_byte)):
+        if not 1 <= byte <= 237:
+            _fail(f"{name} {byte}: a trace-header byte is 1..237 (4-byte integer)")
+    from seiscli.data.ingest import destinations, ingest_segy
+    from seiscli.data.store import exists, storage_options_for
+    from seiscli.data.volume import open_volume
+
+    sources, dest = paths[:-1], paths[-1]
+    try:
+        targets = destinations(sources, dest)
+    except ValueError as e:
+        _fail(str(e))
+    for src in sources:
+        if not exists(src, storage_options_for(src, endpoint_url=endpoint_url, region=region)):
+            _fail(f"{src}: no such SEG-Y file")
+    for target in targets:
+        if not overwrite and exists(target, storage_options_for(target, endpoint_url=endpoint_url, region=region)):
+            _fail(f"{target} already exists; pass --overwrite to replace it")
+    for src, target in zip(sources, targets, strict=True):
+        options = storage_options_for(target, endpoint_url=endpoint_url, region=region)
+        t0 = time.perf_counter()
+        try:
+            ingest_segy(
+                src,
+                target,
+                chunks=chunks,
+                inline_byte=inline_byte,
+                crossline_byte=crossline_byte,
+                overwrite=overwrite,
+                storage_options=options,
+            )
+        except (ValueError, OSError) as e:
+            _fail(f"{src}: {e}")
+        info = open_volume(target, storage_options=options).info
+        live = int(open_volume(target, storage_options=options).live_mask().sum())
+        out.print(
+            f"ingested {src} -> {target}: amplitude {'x'.join(map(str, info.shape))} {info.dtype}, "
+            f"chunks {'x'.join(map(str, info.chunks))}, {live:,} live traces, {time.perf_counter() - t0:.1f} s",
+            highlight=False,
+        )
+
+
+@app.command()
+def bench(
+    uris: Annotated[list[str], typer.Argument(help="MDIO datasets or patterns (s3://bucket/prefix/*.mdio).")],
+    crop: Annotated[tuple[int, int, int], typer.Option("--crop", help="Crop shape.")] = (128, 128, 128),
+    micro_batch: Annotated[int, typer.Option("--micro-batch", help="Samples per batch.")] = 1,
+    workers: Annotated[int, typer.Option("--workers", help="Loader worker processes.")] = 2,
+    prefetch: Annotated[int, typer.Option("--prefetch", help="Batches prefetched per worker.")] = 2,
+    concurrency: Annotated[int, typer.Option("--concurrency", help="Chunk GETs in flight per worker.")] = 32,
+    client: Annotated[str, typer.Option("--client", help="obstore or s3fs (s3:// only).")] = "obstore",
+    seconds: Annotated[float, typer.Option("--seconds", help="Measured time after warm-up.")] = 20.0,
+    endpoint_url: EndpointOpt = None,
+    region: RegionOpt = None,
+) -> None:
+    """Measure the training loader on real volumes: delivered bytes/s and samples/s, per worker."""
+    _require("numpy", "zarr", "torch")
+    from rich.live import Live
+    from rich.table import Table
+
+    from seiscli.data.loader_bench import bench_loader, bench_recipe
+    from seiscli.data.store import S3_CLIENTS
+    from seiscli.data.volume import VolumeError
+    from seiscli.recipe import RecipeError
+
+    if client not in S3_CLIENTS:
+        _fail(f"--client {client!r}: allowed {', '.join(S3_CLIENTS)}")
+    if min(crop) < 1 or micro_batch < 1 or workers < 0 or prefetch < 1 or concurrency < 1 or seconds <= 0:
+        _fail("--crop axes, --micro-batch, --prefetch, --concurrency must be >= 1, --workers >= 0, --seconds > 0")
+    try:
+        recipe = bench_recipe(
+            uris,
+            crop=crop,
+            micro_batch=micro_batch,
+            workers=workers,
+            prefetch=prefetch,
+            concurrency=concurrency,
+            client=client,
+            endpoint_url=endpoint_url,
+            region=region,
+        )
+    except RecipeError as e:
+        _fail(str(e))
+
+    def view(p: dict[str, Any]) -> Table:
+        t = Table(title=f"loader on {', '.join(uris)}: {p['elapsed_s']:.0f}/{seconds:.0f} s", title_justify="left")
+        for col in ("worker", "MiB/s", "samples/s", "busy"):
+            t.add_column(col, justify="right")
+        for w, r in sorted(p["workers"].items()):
+            t.add_row(str(w), f"{r['bytes_per_s'] / 2**20:.1f}", f"{r['samples_per_s']:.2f}", f"{r['busy']:.0%}")
+        t.add_row("all", f"{p['bytes_per_s'] / 2**20:.1f}", f"{p['samples_per_s']:.2f}", f"retries {p['retries']}")
+        return t
+
+    live = Live(view({"elapsed_s": 0, "bytes_per_s": 0, "samples_per_s": 0, "retries": 0, "workers": {}}), console=out)
+    try:
+        with live:
+            result = bench_loader(recipe, seconds=seconds, progress=lambda p: live.update(view(p)))
+    except (VolumeError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    out.print(
+        f"{result.bytes_per_s / 2**20:.1f} MiB/s decoded ({result.samples_per_s:.2f} samples/s of "
+        f"{'x'.join(map(str, crop))}) over {result.seconds:.1f} s; read {result.bytes_read / 2**20:.1f} MiB in "
+        f"{result.requests} GETs, {result.retries} retries; {result.bytes_per_cpu_s / 2**20:.1f} MiB per loader "
+        f"CPU-second",
+        highlight=False,
+    )

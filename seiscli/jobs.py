@@ -75,10 +75,15 @@ def current_statuses(runs: Iterable[Run]) -> dict[Path, tuple[dict[str, Any], Jo
             backend = get_backend(key)
         except ValueError:
             continue
-        if hasattr(backend, "statuses"):
-            found: dict[Path, JobStatus] = backend.statuses(group)
-        else:
-            found = {run.path: backend.status(run) for run in group}
+        try:
+            if hasattr(backend, "statuses"):
+                found: dict[Path, JobStatus] = backend.statuses(group)
+            else:
+                found = {run.path: backend.status(run) for run in group}
+        except Exception as e:  # one unreachable scheduler must not hide the other runs
+            for run in group:
+                result[run.path][1].reason = f"could not ask {key}: {e}"
+            continue
         for run in group:
             sub, old = result[run.path]
             new = found.get(run.path)
@@ -87,7 +92,7 @@ def current_statuses(runs: Iterable[Run]) -> dict[Path, tuple[dict[str, Any], Jo
                 # not claim it still runs.
                 new = old
                 if not old.state.finished:
-                    new.reason = f"job {sub['job_id']} unknown to the scheduler now; last seen {old.state.value}"
+                    new.reason = f"last seen {old.state.value}; {key} no longer knows the job"
                     new.state = JobState.UNKNOWN
             else:
                 sub = record(run, sub, new)
@@ -412,6 +417,12 @@ def _tail_lines(path: Path, n: int, block: int = 1 << 16) -> list[str]:
     return data.decode(errors="replace").splitlines()[-n:]
 
 
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 class _Follower:
     """Prints what files gain; headers name the file whenever output switches between several."""
 
@@ -421,11 +432,22 @@ class _Follower:
         self.last: Path | None = None
 
     def start(self, path: Path, tail: int | None) -> None:
-        size = path.stat().st_size if path.exists() else 0
+        """Print the last `tail` complete lines (None: from the start, left to poll)."""
         if tail is None:
             self.offsets[path] = 0
             return
-        lines = _tail_lines(path, tail) if tail > 0 else []
+        try:
+            with path.open("rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+        except OSError:
+            self.offsets[path] = 0
+            return
+        lines = _tail_lines(path, tail + 1)
+        partial = bool(lines) and size > 0 and not _ends_with_newline(path)
+        if partial:
+            size -= len(lines.pop().encode())  # an unfinished line waits for poll()
+        lines = lines[-tail:] if tail > 0 else []
         if lines:
             self._header(path)
             self.out.write("\n".join(lines) + "\n")

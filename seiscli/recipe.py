@@ -72,9 +72,30 @@ class Cluster(_Section):
     @field_validator("time_limit")
     @classmethod
     def _time(cls, v: str) -> str:
-        if not re.fullmatch(r"(\d+-)?\d{1,3}:\d{2}(:\d{2})?|\d+", v):
+        if not re.fullmatch(r"\d+-\d{1,2}(:\d{2}){0,2}|\d+(:\d{2}){0,2}", v):
             raise ValueError("must be minutes, HH:MM:SS or D-HH:MM:SS")
         return v
+
+    @property
+    def time_limit_s(self) -> int:
+        """Slurm's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+        days, _, rest = self.time_limit.rpartition("-")
+        parts = [int(x) for x in rest.split(":")]
+        if days:
+            h, m, sec = (parts + [0, 0])[:3]
+            return ((int(days) * 24 + h) * 60 + m) * 60 + sec
+        if len(parts) == 3:
+            return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+        return parts[0] * 60 + (parts[1] if len(parts) == 2 else 0)
+
+    @model_validator(mode="after")
+    def _signal_before_limit(self) -> Cluster:
+        if self.time_limit_s <= self.signal_seconds:
+            raise ValueError(
+                f"cluster.time_limit={self.time_limit} ({self.time_limit_s}s) must be longer than "
+                f"cluster.signal_seconds={self.signal_seconds}: the checkpoint warning would fire at start"
+            )
+        return self
 
     @field_validator("env")
     @classmethod
@@ -129,8 +150,11 @@ class Data(_Section):
     flips: bool = True
     workers: int = Field(2, ge=0)
     prefetch: int = Field(2, ge=1)
-    concurrency: int = Field(32, ge=1, description="concurrent chunk requests per worker")
-    endpoint_url: str | None = None
+    concurrency: int = Field(32, ge=1, description="chunk GETs in flight per loader process (worker)")
+    retries: int = Field(10, ge=1, le=100, description="tries per chunk GET, the first included, with backoff")
+    max_volume_failures: int = Field(3, ge=1, description="failed crop reads in a row before a volume is dropped")
+    s3_client: Literal["obstore", "s3fs"] = Field("obstore", description="client for s3:// volumes")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint; credentials: standard AWS chain")
     region: str | None = None
 
     @field_validator("crop", "synth_shape")

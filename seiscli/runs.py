@@ -84,7 +84,8 @@ class Run:
 
     def update_submission(self, **fields: Any) -> None:
         data = self.submission() | fields
-        tmp = self.submission_path.with_suffix(".tmp")
+        # A name of this process's own: `seis status` and `seis logs -f` may write back at the same time.
+        tmp = self.submission_path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         tmp.replace(self.submission_path)
 

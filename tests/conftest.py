@@ -9,6 +9,11 @@ from dataclasses import dataclass
 
 import pytest
 
+# ==== common (owner: lead) ======================================================================================
+# No test may reach the EC2 instance-metadata address: boto's credential chain stays on this machine.
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+# ==== end common =================================================================================================
+
 # ==== slurm: the local Slurm cluster (owner: Slurm backend; brought up by scripts/local-slurm.sh) ==========
 # Tests marked `@pytest.mark.slurm` (optionally `slurm(nodes=2)`) run against the real cluster. When it is not
 # up they skip with the reason, except under SEIS_REQUIRE_SLURM=1 (CI), where they fail: never a silent skip.
@@ -71,3 +76,45 @@ def _slurm_gate(request: pytest.FixtureRequest) -> None:
 
 
 # ==== end slurm ================================================================================================
+
+
+# ==== s3: a local S3 endpoint (owner: data/IO) =================================================================
+# moto's S3 in server mode on 127.0.0.1 (real HTTP; no client is patched), with fake credentials in this test
+# process's environment (inherited by the processes it starts). `s3_bucket` gives each test its own bucket.
+import itertools as _s3_itertools  # noqa: E402
+from collections.abc import Iterator as _S3Iterator  # noqa: E402
+
+_S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+_s3_bucket_ids = _s3_itertools.count()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> _S3Iterator[object]:
+    from seiscli.data.s3local import MotoS3
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in _S3_ENV.items():
+            mp.setenv(key, value)
+        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(key, raising=False)
+        server = MotoS3()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: object) -> str:
+    """A fresh bucket, as an s3:// URI prefix."""
+    name = f"seis-test-{os.getpid()}-{next(_s3_bucket_ids)}"
+    s3_server.create_bucket(name)  # type: ignore[attr-defined]
+    return f"s3://{name}"
+
+
+# ==== end s3 ===================================================================================================

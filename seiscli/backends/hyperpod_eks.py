@@ -39,7 +39,7 @@ EFA_ENV = {
 RESILIENCE_ENV = {
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
     "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-    "TORCH_NCCL_TRACE_BUFFER_SIZE": "20000",
+    "TORCH_FR_BUFFER_SIZE": "20000",  # TORCH_NCCL_TRACE_BUFFER_SIZE before PyTorch 2.7
     "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
 }
 
@@ -196,7 +196,11 @@ class HyperPodEksBackend:
         if obj is None:
             return JobStatus(state=JobState.UNKNOWN, reason="the job no longer exists", source="kubernetes")
         st = state_of(obj)
-        st.nodes = [p["spec"].get("nodeName", "") for p in self._pods(run) if p.get("spec", {}).get("nodeName")]
+        try:
+            pods = self._pods(run)
+        except RuntimeError:
+            pods = []  # the job's state is known; where its pods run is a detail
+        st.nodes = [p["spec"]["nodeName"] for p in pods if p.get("spec", {}).get("nodeName")]
         st.node_count = len(st.nodes) or None
         return st
 
@@ -271,7 +275,9 @@ class HyperPodEksBackend:
                     _write_lines(out, partial, prefix)
                     resp.release_conn()
                 else:
-                    _write_lines(out, core.read_namespaced_pod_log(pod_name, ns, **kwargs), prefix)
+                    # Raw bytes: with preloading, this client version hands back str(bytes), "b'...'".
+                    resp = core.read_namespaced_pod_log(pod_name, ns, _preload_content=False, **kwargs)
+                    _write_lines(out, resp.data.decode(errors="replace"), prefix)
             except client.ApiException as e:
                 raise RuntimeError(f"logs of pod {pod_name}: {_api_error(e)}") from None
         if not follow:

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any
 from seiscli.backends.base import JobState, JobStatus, SubmitError
 from seiscli.runs import Run
 
-QUERY_TIMEOUT_S = 30.0
+QUERY_TIMEOUT_S = 20.0
 JOBCOMP_TAIL_BYTES = 8 << 20  # the jobcomp log only grows; recent jobs are at its end
 
 # Slurm's job state names (squeue, sacct, scontrol, jobcomp) to the states seis shows.
@@ -166,7 +167,10 @@ def query_squeue(ids: Iterable[str]) -> dict[str, JobStatus]:
     fmt = ",".join(f"{f}:|" for f in _SQUEUE_FIELDS)
     res = run_slurm(["squeue", "--noheader", "--states=all", f"--jobs={','.join(ids)}", f"--Format={fmt}"])
     if res.rc != 0:
-        return {}  # "Invalid job id specified" when it knows none of them; or no controller
+        if "Invalid job id" not in res.err:  # (that one only means it knows none of them)
+            # No controller, or not a login node: say so once; the other sources may still answer.
+            print(f"seis: warning: squeue failed: {res.err.strip() or res.rc}", file=sys.stderr)
+        return {}
     found: dict[str, JobStatus] = {}
     for line in res.out.splitlines():
         cols = line.split("|")

@@ -2,8 +2,12 @@
 
 A `Volume` carries only plain metadata across processes: the zarr group is opened lazily, per process
 (the pid is checked on every access), and dropped when pickled, so DataLoader workers, forked or
-spawned, never share a store, an fsspec filesystem or an event loop with their parent.
-Reading uses zarr directly (not xarray/mdio), which keeps imports light and each box one zarr call.
+spawned, never share a store, an fsspec filesystem, an obstore client or an event loop with their parent.
+Reading uses zarr directly (not xarray/mdio), which keeps imports light and each box one zarr call; every
+GET goes through `RetryingStore` (retries, in-flight cap, counters).
+
+A chunk missing from the store reads as fill value in Zarr, which MDIO uses for dead traces. A missing chunk
+under live traces (by the trace mask) is data loss, not dead data: `read_into` raises `DataLossError`.
 """
 
 from __future__ import annotations
@@ -14,14 +18,19 @@ from typing import Any
 
 import numpy as np
 
+from seiscli.data.retry import RetryingStore, RetryPolicy
 from seiscli.data.stats import VolumeStats
-from seiscli.data.store import exists, storage_options_for
+from seiscli.data.store import S3Client, exists, open_store, storage_options_for
 
 Shape3 = tuple[int, int, int]
 
 
 class VolumeError(ValueError):
     """A volume that cannot be used: missing, not MDIO, not 3D; one line naming the URI."""
+
+
+class DataLossError(OSError):
+    """Chunks under live traces are missing from the store (deleted or never written)."""
 
 
 @dataclass(frozen=True)
@@ -41,10 +50,20 @@ class VolumeInfo:
 
 
 class Volume:
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        client: S3Client = "obstore",
+        policy: RetryPolicy | None = None,
+    ) -> None:
         self.uri = uri
         self.storage_options = storage_options
+        self.client = client
+        self.policy = policy or RetryPolicy()
         self._pid = -1
+        self._store: RetryingStore | None = None
         self._group: Any = None
         self._array: Any = None
         self._mask: np.ndarray | None = None
@@ -56,10 +75,15 @@ class Volume:
         if self._group is None or self._pid != os.getpid():
             import zarr
 
+            if zarr.config.get("async.concurrency") < self.policy.concurrency:
+                # RetryingStore's per-process cap is the one that binds, not zarr's per-call default of 10
+                zarr.config.set({"async.concurrency": self.policy.concurrency})
+            store = open_store(self.uri, self.storage_options, client=self.client, policy=self.policy)
             try:
-                self._group = zarr.open_group(self.uri, mode="r", storage_options=self.storage_options)
+                self._group = zarr.open_group(store=store, mode="r")
             except FileNotFoundError:
                 raise VolumeError(f"{self.uri}: no MDIO/Zarr dataset there") from None
+            self._store = store  # type: ignore[assignment]
             self._pid = os.getpid()
             self._array = None
             self._mask = None
@@ -73,7 +97,7 @@ class Volume:
         return self._array
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_group": None, "_array": None, "_mask": None, "_pid": -1}
+        return {**self.__dict__, "_store": None, "_group": None, "_array": None, "_mask": None, "_pid": -1}
 
     def _read_info(self) -> VolumeInfo:
         if not exists(self.uri, self.storage_options):
@@ -129,8 +153,37 @@ class Volume:
 
     def read(self, origin: tuple[int, int, int], shape: tuple[int, int, int]) -> np.ndarray:
         """The box [origin, origin + shape) as a numpy array (dead traces hold the fill value NaN)."""
-        box = self._box(origin, shape)
-        return np.asarray(self._data()[box])
+        out = np.empty(shape, dtype=self.dtype)
+        self.read_into(origin, out)
+        return out
+
+    def read_into(self, origin: tuple[int, int, int], out: np.ndarray) -> None:
+        """Read the box at `origin` of out.shape straight into `out`, which may be any strided view (a flipped
+        or transposed window of a batch): each chunk is decoded once and copied once, into its place."""
+        from zarr.core.buffer import default_buffer_prototype
+
+        box = self._box(origin, out.shape)
+        if out.dtype != self.dtype:
+            raise ValueError(f"read_into: out has dtype {out.dtype}, {self.uri} stores {self.dtype}")
+        array = self._data()
+        array.get_basic_selection(box, out=default_buffer_prototype().nd_buffer.from_numpy_array(out))
+        self._check_missing()
+
+    def _check_missing(self) -> None:
+        """Missing amplitude chunks are fine under dead traces only."""
+        assert self._store is not None
+        if not self._store.missing_keys:
+            return
+        keys, self._store.missing_keys = self._store.missing_keys, set()
+        prefix = f"{self.info.variable}/c/"
+        mask = self.live_mask()
+        cz, cy = self.chunks[:2]
+        for key in sorted(keys):
+            if not key.startswith(prefix):
+                continue
+            i, j = (int(p) for p in key[len(prefix) :].split("/")[:2])
+            if mask[i * cz : (i + 1) * cz, j * cy : (j + 1) * cy].any():
+                raise DataLossError(f"{self.uri}: chunk {key} is missing from the store but covers live traces")
 
     def live_mask(self) -> np.ndarray:
         """The (inline, crossline) live-trace mask, loaded once per process; all True without one."""
@@ -153,8 +206,10 @@ def open_volume(
     storage_options: dict[str, Any] | None = None,
     endpoint_url: str | None = None,
     region: str | None = None,
+    client: S3Client = "obstore",
+    policy: RetryPolicy | None = None,
 ) -> Volume:
     """The one way to open a volume (local path or object-store URI)."""
     if storage_options is None:
         storage_options = storage_options_for(uri, endpoint_url=endpoint_url, region=region)
-    return Volume(uri, storage_options)
+    return Volume(uri, storage_options, client=client, policy=policy)

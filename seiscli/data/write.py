@@ -8,14 +8,13 @@ xarray, and the big variable is written slab by slab with zarr directly (no dask
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
 from seiscli.data.stats import StatsAccumulator, VolumeStats
-from seiscli.data.store import exists, is_remote, local_path, storage_options_for
+from seiscli.data.store import exists, remove, storage_options_for
 
 Shape3 = tuple[int, int, int]
 Compressor = Literal["zstd", "lz4", "none"]
@@ -85,8 +84,7 @@ def write_volume(
     if exists(uri, storage_options):
         if not overwrite:
             raise FileExistsError(f"{uri} already exists (pass overwrite to replace it)")
-        if not is_remote(uri):
-            shutil.rmtree(local_path(uri))
+        remove(uri, storage_options)
 
     template = get_template("PostStack3DTime")
     template.full_chunk_shape = chunks

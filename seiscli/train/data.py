@@ -5,6 +5,17 @@ origin and flips from its own generator seeded with (seed, dp_rank, n, attempt),
 `position` (samples consumed) continues with exactly the batches it would have seen, and ranks never
 share a stream. Batches are built by DataLoader workers in order (`in_order=True`); a batch that was
 prefetched but not handed to the trainer is not counted, so prefetching does not shift a resume.
+
+Context parallelism: the ranks of a CP group share dp_rank, hence the sample; rank c of P reads only its
+slab, the c-th contiguous 1/P of the crop along z after flips and transposes (= tokens [c*N/P, (c+1)*N/P)
+in C-order over the (z, y, x) patch grid), so each rank fetches 1/P of the bytes.
+
+Throughput: workers are started by forkserver, so no event loop, connection pool or Rust runtime of the
+trainer process crosses a fork; each worker reads the samples of a batch concurrently (one thread each,
+all GETs of the process capped at data.concurrency by RetryingStore) straight into the batch tensor in
+shared memory. A failed crop read (retries exhausted, or chunks lost under live traces) is read again;
+after data.max_volume_failures failures in a row the worker drops that volume (a warning and a counter)
+and the sample is redrawn from the others. Counters reach the trainer with each batch: `loader.stats()`.
 """
 
 from __future__ import annotations
@@ -12,16 +23,21 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
+import os
+import threading
+import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from seiscli.data.volume import Volume, open_volume
+from seiscli.data.retry import IOStats, ReadError, RetryPolicy, process_stats
+from seiscli.data.volume import DataLossError, Volume, open_volume
 from seiscli.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -29,7 +45,7 @@ log = logging.getLogger(__name__)
 Shape3 = tuple[int, int, int]
 MAX_ATTEMPTS = 64  # crops tried per sample before a volume is declared too dead to train on
 SYNTH_CHUNKS: Shape3 = (64, 64, 64)  # the local synthetic cache: small volumes, small crops
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -42,8 +58,66 @@ class CropSpec:
     live_fraction: float
 
 
-class CropDataset(Dataset[torch.Tensor]):
-    """Item `p` is the micro-batch of samples p .. p+micro_batch-1 of this rank's stream."""
+@dataclass
+class BatchReport:
+    """What one batch cost its worker; travels with the batch to the trainer process."""
+
+    worker: int  # DataLoader worker id, -1 in the trainer process
+    samples: int
+    decoded_bytes: int
+    busy_s: float
+    cpu_s: float  # CPU time of the building process (all its threads) since its previous report
+    io: IOStats
+    failed_reads: int = 0
+    dropped: list[str] = field(default_factory=list)
+
+
+def slab_box(spec: CropSpec, crop: Shape3, cp_rank: int, cp_size: int) -> tuple[Shape3, Shape3]:
+    """(origin, shape) of the volume box that holds slab cp_rank of the crop after its flips and transpose."""
+    cz, cy, _ = crop
+    s = cz // cp_size
+    lo, hi = cp_rank * s, (cp_rank + 1) * s
+    origin, shape = list(spec.origin), list(crop)
+    axis, flipped, n = (1, spec.flip_y, cy) if spec.transpose else (0, spec.flip_z, cz)
+    if flipped:
+        lo, hi = n - hi, n - lo
+    origin[axis] += lo
+    shape[axis] = hi - lo
+    return tuple(origin), tuple(shape)  # type: ignore[return-value]
+
+
+def volume_view(out: np.ndarray, spec: CropSpec) -> np.ndarray:
+    """The view of `out` (a sample or its slab) in the volume's axis order: writing the volume box into it
+    leaves `out` flipped and transposed as the spec says, with no copy."""
+    v = out.transpose(1, 0, 2) if spec.transpose else out
+    if spec.flip_y:
+        v = v[:, ::-1]
+    if spec.flip_z:
+        v = v[::-1]
+    return v
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_CPU_MARK: dict[int, float] = {}
+
+
+def _cpu_since_last_report() -> float:
+    now, pid = time.process_time(), os.getpid()
+    last = _CPU_MARK.get(pid, now)
+    _CPU_MARK[pid] = now
+    return now - last
+
+
+def _pool(size: int) -> ThreadPoolExecutor:
+    """Threads that read the samples of a batch at once, one set per process (never inherited)."""
+    key = (os.getpid(), size)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(max_workers=size, thread_name_prefix="seis-crop")
+    return _POOLS[key]
+
+
+class CropDataset(Dataset[tuple[torch.Tensor, BatchReport]]):
+    """Item `p` is the micro-batch of samples p .. p+micro_batch-1 of this rank's stream, and its report."""
 
     def __init__(
         self,
@@ -57,26 +131,77 @@ class CropDataset(Dataset[torch.Tensor]):
         min_live_fraction: float,
         normalization: str,
         clip: float,
+        cp_rank: int = 0,
+        cp_size: int = 1,
+        max_volume_failures: int = 3,
     ) -> None:
+        if not 0 <= cp_rank < cp_size:
+            raise ValueError(f"cp_rank {cp_rank} is outside 0..{cp_size - 1}")
+        if crop[0] % cp_size:
+            raise ValueError(f"crop z={crop[0]} does not split into cp_size={cp_size} slabs")
         self.volumes = volumes
         self.crop = crop
         self.micro_batch = micro_batch
         self.seed = seed % 2**63  # SeedSequence wants non-negative entropy
         self.dp_rank = dp_rank
+        self.cp_rank, self.cp_size = cp_rank, cp_size
         self.flips = flips
         self.min_live_fraction = min_live_fraction
         self.normalization = normalization
         self.clip = clip
-        weights = np.array([_weight(v) for v in volumes], dtype=np.float64)
-        self.cum_weights = np.cumsum(weights / weights.sum())
+        self.max_volume_failures = max_volume_failures
+        self.weights = np.array([_weight(v) for v in volumes], dtype=np.float64)
         self.centre_scale = [_centre_scale(v, normalization) for v in volumes]
+        self.dropped: set[int] = set()
+        self._init_failure_state()
+
+    def _init_failure_state(self) -> None:
+        self._lock = threading.Lock()
+        self._failures: dict[int, int] = {}
+        self._failed_reads = 0
+        self._new_drops: list[str] = []
+        self._cum = self._cum_weights()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for key in ("_lock", "_failures", "_failed_reads", "_new_drops", "_cum"):
+            state.pop(key)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_failure_state()
+
+    @property
+    def slab(self) -> Shape3:
+        cz, cy, cx = self.crop
+        return (cz // self.cp_size, cy, cx)
+
+    def _cum_weights(self) -> np.ndarray:
+        w = self.weights.copy()
+        w[list(self.dropped)] = 0.0
+        if w.sum() <= 0:
+            raise RuntimeError(
+                f"all {len(self.volumes)} volumes were dropped after repeated read failures; see the warnings above"
+            )
+        return np.cumsum(w / w.sum())
+
+    def drop(self, v: int, reason: str) -> None:
+        with self._lock:
+            if v in self.dropped:
+                return
+            self.dropped.add(v)
+            self._new_drops.append(self.volumes[v].uri)
+            self._cum = self._cum_weights()
+        log.warning("dropping volume %s: %s", self.volumes[v].uri, reason)
 
     def spec(self, index: int) -> CropSpec:
         """Where sample `index` of this rank comes from; crops below min_live_fraction are redrawn."""
         best: CropSpec | None = None
+        cum = self._cum
         for attempt in range(MAX_ATTEMPTS):
             rng = np.random.default_rng([self.seed, self.dp_rank, index, attempt])
-            v = int(min(np.searchsorted(self.cum_weights, rng.random(), side="right"), len(self.volumes) - 1))
+            v = int(min(np.searchsorted(cum, rng.random(), side="right"), len(self.volumes) - 1))
             vol = self.volumes[v]
             origin = tuple(int(rng.integers(0, n - c + 1)) for n, c in zip(vol.shape, self.crop, strict=True))
             fz, fy, tr = (bool(b) for b in rng.integers(0, 2, 3)) if self.flips else (False, False, False)
@@ -94,31 +219,65 @@ class CropDataset(Dataset[torch.Tensor]):
         )
 
     def read_into(self, spec: CropSpec, out: np.ndarray) -> None:
-        """Read, flip and normalise one crop into `out` (cz, cy, cx) float32."""
-        raw = self.volumes[spec.volume].read(spec.origin, self.crop)
-        if spec.flip_z:
-            raw = raw[::-1]
-        if spec.flip_y:
-            raw = raw[:, ::-1]
-        if spec.transpose:
-            raw = raw.transpose(1, 0, 2)
+        """Read this rank's slab of one crop into `out` (cz/P, cy, cx) float32, flipped and normalised."""
+        origin, _ = slab_box(spec, self.crop, self.cp_rank, self.cp_size)
+        self.volumes[spec.volume].read_into(origin, volume_view(out, spec))
         if self.normalization == "zscore":
             centre, scale = self.centre_scale[spec.volume]
-            np.subtract(raw, np.float32(centre), out=out, dtype=np.float32)
+            out -= np.float32(centre)
             out *= np.float32(1.0 / scale)
             np.clip(out, -self.clip, self.clip, out=out)
-        else:
-            out[...] = raw
         np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # dead traces are NaN in MDIO
 
-    def __getitem__(self, position: int) -> torch.Tensor:
-        batch = torch.empty((self.micro_batch, 1, *self.crop), dtype=torch.float32)
-        if get_worker_info() is not None:  # build the batch in shared memory: no copy on the way back
+    def load(self, index: int, out: np.ndarray) -> None:
+        """Sample `index` into `out`. A failed read is repeated; a volume failing max_volume_failures times in
+        a row is dropped and the sample redrawn from the others (the stream changes only from there on)."""
+        while True:
+            spec = self.spec(index)
+            try:
+                self.read_into(spec, out)
+            except (ReadError, DataLossError) as e:
+                with self._lock:
+                    self._failed_reads += 1
+                    n = self._failures[spec.volume] = self._failures.get(spec.volume, 0) + 1
+                log.debug("sample %d: read of %s failed (%d in a row): %s", index, spec, n, e)
+                if n >= self.max_volume_failures:
+                    self.drop(spec.volume, f"{n} failed reads in a row, last: {e}")
+                continue
+            with self._lock:
+                self._failures.pop(spec.volume, None)
+            return
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, BatchReport]:
+        t0 = time.perf_counter()
+        if os.getpid() not in _CPU_MARK:
+            _cpu_since_last_report()  # start counting with the first batch, not at process start
+        batch = torch.empty((self.micro_batch, 1, *self.slab), dtype=torch.float32)
+        info = get_worker_info()
+        if info is not None:  # build the batch in shared memory: no copy on the way back
             batch.share_memory_()
         view = batch.numpy()
-        for i in range(self.micro_batch):
-            self.read_into(self.spec(position + i), view[i, 0])
-        return batch
+        if self.micro_batch == 1:
+            self.load(position, view[0, 0])
+        else:
+            pool = _pool(self.micro_batch)
+            jobs = [pool.submit(self.load, position + i, view[i, 0]) for i in range(self.micro_batch)]
+            for job in jobs:
+                job.result()
+        with self._lock:
+            failed, self._failed_reads = self._failed_reads, 0
+            dropped, self._new_drops = self._new_drops, []
+        report = BatchReport(
+            worker=info.id if info is not None else -1,
+            samples=self.micro_batch,
+            decoded_bytes=batch.nbytes,
+            busy_s=time.perf_counter() - t0,
+            cpu_s=_cpu_since_last_report(),
+            io=process_stats().take(),
+            failed_reads=failed,
+            dropped=dropped,
+        )
+        return batch, report
 
 
 class _Positions(Sampler[int]):
@@ -164,6 +323,26 @@ def _close_live_loaders() -> None:
         loader.close()
 
 
+def _worker_context() -> Any:
+    """forkserver: workers fork from a clean server process, not from the trainer, whose event loops,
+    connection pools, obstore's tokio runtime (not fork-safe) and NCCL/gloo threads must not be copied."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])  # imports torch/zarr once in the server, not in every worker
+    return ctx
+
+
+@dataclass
+class _WorkerTotals:
+    batches: int = 0
+    samples: int = 0
+    decoded_bytes: int = 0
+    busy_s: float = 0.0
+    cpu_s: float = 0.0
+    io: IOStats = field(default_factory=IOStats)
+
+
 class CropLoader:
     """Iterable of normalised crop batches on `device`; `state_dict()` is the position in samples.
 
@@ -186,13 +365,16 @@ class CropLoader:
         self.position = 0  # samples handed out
         self._generation = 0
         self._workers_iter: Any = None
+        self._totals: dict[int, _WorkerTotals] = {}
+        self._failed_reads = 0
+        self._started = time.perf_counter()
         _LIVE_LOADERS.add(self)
 
     @property
     def micro_batch(self) -> int:
         return self.dataset.micro_batch
 
-    def _batches(self, start: int) -> Iterator[torch.Tensor]:
+    def _batches(self, start: int) -> Iterator[tuple[torch.Tensor, BatchReport]]:
         mb = self.micro_batch
         if self.workers == 0:
             return (self.dataset[p] for p in itertools.count(start, mb))
@@ -204,6 +386,7 @@ class CropLoader:
             prefetch_factor=self.prefetch,
             pin_memory=self.device.type == "cuda",
             worker_init_fn=_worker_init,
+            multiprocessing_context=_worker_context(),
             in_order=True,
         )
         return iter(loader)
@@ -216,9 +399,10 @@ class CropLoader:
         if self.workers:
             self._workers_iter = batches
         try:
-            for batch in batches:
+            for batch, report in batches:
                 if generation != self._generation:
                     raise RuntimeError("this CropLoader iterator is stale: the loader was restarted or re-iterated")
+                self._absorb(report)
                 if self.device.type == "cuda" and not batch.is_pinned():
                     batch = batch.pin_memory()
                 self.position += self.micro_batch
@@ -226,6 +410,77 @@ class CropLoader:
         finally:
             if self._workers_iter is batches:
                 self.close()
+
+    def _absorb(self, report: BatchReport) -> None:
+        t = self._totals.setdefault(report.worker, _WorkerTotals())
+        t.batches += 1
+        t.samples += report.samples
+        t.decoded_bytes += report.decoded_bytes
+        t.busy_s += report.busy_s
+        t.cpu_s += report.cpu_s
+        t.io.add(report.io)
+        self._failed_reads += report.failed_reads
+        uris = [v.uri for v in self.dataset.volumes]
+        for uri in report.dropped:
+            v = uris.index(uri)
+            if v not in self.dataset.dropped:
+                # later workers (a restart, a resume from this state) start without it
+                log.warning("data: volume %s dropped after repeated read failures (worker %d)", uri, report.worker)
+                self.dataset.dropped.add(v)
+                self.dataset._cum = self.dataset._cum_weights()
+
+    def stats(self) -> dict[str, float]:
+        """Counters since this loader was built, summed over its workers (cumulative; log them as they are).
+
+        samples, batches, decoded_bytes (delivered crops), bytes_read (fetched from the store, as stored),
+        requests, retries, throttled (503 SlowDown among the retries), read_errors (GETs failed for good),
+        missing_chunks, failed_reads (crop reads that failed and were repeated or redrawn), volumes_dropped,
+        volumes_active, worker_busy_s (summed time workers spent building batches), worker_cpu_s (their CPU
+        time, all threads), request_s (summed GET latency), elapsed_s (since the loader was built)."""
+        io = IOStats()
+        totals = _WorkerTotals()
+        for t in self._totals.values():
+            io.add(t.io)
+            totals.batches += t.batches
+            totals.samples += t.samples
+            totals.decoded_bytes += t.decoded_bytes
+            totals.busy_s += t.busy_s
+            totals.cpu_s += t.cpu_s
+        return {
+            "samples": totals.samples,
+            "batches": totals.batches,
+            "decoded_bytes": totals.decoded_bytes,
+            "bytes_read": io.bytes,
+            "requests": io.requests,
+            "retries": io.retries,
+            "throttled": io.throttled,
+            "read_errors": io.errors,
+            "missing_chunks": io.missing,
+            "failed_reads": self._failed_reads,
+            "volumes_dropped": len(self.dataset.dropped),
+            "volumes_active": len(self.dataset.volumes) - len(self.dataset.dropped),
+            "worker_busy_s": totals.busy_s,
+            "worker_cpu_s": totals.cpu_s,
+            "request_s": io.request_s,
+            "elapsed_s": time.perf_counter() - self._started,
+        }
+
+    def worker_stats(self) -> dict[int, dict[str, float]]:
+        """Per worker (-1: the trainer process itself when data.workers=0): batches, samples, decoded_bytes,
+        bytes_read, requests, retries, busy_s, cpu_s."""
+        return {
+            w: {
+                "batches": t.batches,
+                "samples": t.samples,
+                "decoded_bytes": t.decoded_bytes,
+                "bytes_read": t.io.bytes,
+                "requests": t.io.requests,
+                "retries": t.io.retries,
+                "busy_s": t.busy_s,
+                "cpu_s": t.cpu_s,
+            }
+            for w, t in sorted(self._totals.items())
+        }
 
     def close(self) -> None:
         """Stop the worker processes of the live iterator, if any (idempotent)."""
@@ -239,12 +494,13 @@ class CropLoader:
             "position": self.position,
             "seed": self.dataset.seed,
             "dp_rank": self.dataset.dp_rank,
+            "dropped": sorted(self.dataset.volumes[v].uri for v in self.dataset.dropped),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`; an iterator started before this call stops with an error."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r}; this loader reads {STATE_VERSION}")
+        if state.get("version") not in (1, STATE_VERSION):
+            raise ValueError(f"loader state version {state.get('version')!r}; this loader reads 1 and {STATE_VERSION}")
         for key in ("seed", "dp_rank"):
             if state[key] != getattr(self.dataset, key):
                 raise ValueError(
@@ -254,18 +510,22 @@ class CropLoader:
         if position < 0:
             raise ValueError(f"loader state position {position} < 0")
         self.close()  # its workers prefetch positions that no longer come next
+        uris = [v.uri for v in self.dataset.volumes]
+        self.dataset.dropped = {uris.index(u) for u in state.get("dropped", []) if u in uris}
+        self.dataset._cum = self.dataset._cum_weights()
         self.position = position
         self._generation += 1
 
 
 def _volumes(recipe: Recipe) -> list[Volume]:
     data = recipe.data
+    policy = RetryPolicy(attempts=data.retries, concurrency=data.concurrency)
     if data.source == "synthetic":
         from seiscli.data.cache import ensure_synthetic
 
         chunks: Shape3 = tuple(min(c, s) for c, s in zip(SYNTH_CHUNKS, data.synth_shape, strict=True))  # type: ignore[assignment]
         path = ensure_synthetic(tuple(data.synth_shape), recipe.train.seed, chunks)  # type: ignore[arg-type]
-        return [open_volume(str(path))]
+        return [open_volume(str(path), policy=policy)]
     from seiscli.data.store import expand, storage_options_for
 
     options = storage_options_for(data.uris[0], endpoint_url=data.endpoint_url, region=data.region)
@@ -273,7 +533,10 @@ def _volumes(recipe: Recipe) -> list[Volume]:
     volumes, too_small, empty = [], [], []
     for uri in uris:
         vol = open_volume(
-            uri, storage_options=storage_options_for(uri, endpoint_url=data.endpoint_url, region=data.region)
+            uri,
+            storage_options=storage_options_for(uri, endpoint_url=data.endpoint_url, region=data.region),
+            client=data.s3_client,
+            policy=policy,
         )
         if vol.stats is not None and vol.stats.count == 0:
             empty.append(vol)
@@ -295,9 +558,32 @@ def _volumes(recipe: Recipe) -> list[Volume]:
     return volumes
 
 
-def build_loader(recipe: Recipe, *, dp_rank: int, dp_size: int, device: torch.device) -> CropLoader:
+def check_cp(recipe: Recipe, cp_size: int) -> None:
+    """Slabs are whole planes of patches: the crop's patch grid along z must split into cp_size parts."""
+    gz = recipe.grid[0]
+    if cp_size < 1 or gz % cp_size:
+        raise ValueError(
+            f"data.crop z={recipe.data.crop[0]} is {gz} patches of model.patch_size={recipe.model.patch_size}, "
+            f"which does not split into cp_size={cp_size} slabs: the z patch count must be divisible by parallelism.cp"
+        )
+
+
+def build_loader(
+    recipe: Recipe,
+    *,
+    dp_rank: int,
+    dp_size: int,
+    device: torch.device,
+    cp_rank: int = 0,
+    cp_size: int = 1,
+) -> CropLoader:
+    """The loader of one rank: dp_rank picks the stream; cp_rank of cp_size picks the slab of each sample
+    (batches are (micro_batch, 1, crop_z / cp_size, crop_y, crop_x))."""
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} is outside 0..{dp_size - 1}")
+    check_cp(recipe, cp_size)
+    if not 0 <= cp_rank < cp_size:
+        raise ValueError(f"cp_rank {cp_rank} is outside 0..{cp_size - 1}")
     data = recipe.data
     dataset = CropDataset(
         _volumes(recipe),
@@ -309,5 +595,8 @@ def build_loader(recipe: Recipe, *, dp_rank: int, dp_size: int, device: torch.de
         min_live_fraction=data.min_live_fraction,
         normalization=data.normalization,
         clip=data.clip,
+        cp_rank=cp_rank,
+        cp_size=cp_size,
+        max_volume_failures=data.max_volume_failures,
     )
     return CropLoader(dataset, workers=data.workers, prefetch=data.prefetch, device=device)

@@ -15,50 +15,59 @@ from typing import Any, TextIO
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+# Rates averaged over the run, weighted by step time (i.e. totals over total time).
+_RATES = ("samples_per_s", "tokens_per_s", "tflops_per_gpu", "mfu")
+
+
+def excluded_warmup_steps(n: int) -> int:
+    """Steps left out of the throughput means: the first 10 % (at least 1, at most 10) of a run of 2+ steps."""
+    return 0 if n < 2 else min(10, max(1, n // 10))
 
 
 class MetricsLog:
-    """Collects step records on every rank (for the summary) and writes them on rank 0."""
+    """Writes step records on rank 0 and keeps, on every rank, only what the summary needs: the last record
+    and time-weighted sums over the steps after the first `skip` (compilation, allocator, loader warm-up)."""
 
-    def __init__(self, run_dir: Path, *, write: bool) -> None:
-        self.records: list[dict[str, Any]] = []
-        self._file: TextIO | None = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if write else None  # noqa: SIM115
+    def __init__(self, run_dir: Path | None, *, skip: int) -> None:
+        self.skip = skip
+        self.steps = 0
+        self.last: dict[str, Any] | None = None
+        self._seconds = 0.0
+        self._wait = 0.0
+        self._sums: dict[str, float] = {}
+        self._file: TextIO | None = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if run_dir else None  # noqa: SIM115
 
     def log(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
+        self.steps += 1
+        self.last = record
+        if self.steps > self.skip:
+            dt = record["step_time_s"]
+            self._seconds += dt
+            self._wait += record["data_wait_s"]
+            for key in _RATES:
+                if key in record:
+                    self._sums[key] = self._sums.get(key, 0.0) + record[key] * dt
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+
+    def summary(self, **extra: Any) -> dict[str, Any]:
+        s = self._seconds
+        summary: dict[str, Any] = {
+            "steps": self.steps,
+            "final_loss": self.last["loss"] if self.last else None,
+            "throughput_excludes_first_steps": self.skip,
+            **{key: (v / s if s else None) for key, v in self._sums.items()},
+            "data_wait_fraction": self._wait / s if s else None,
+        }
+        summary.setdefault("samples_per_s", None)
+        summary.update(extra)
+        return summary
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def excluded_warmup_steps(n: int) -> int:
-    """Steps left out of the throughput means: the first 10 % (at least 1, at most 10) when there are 2+."""
-    return 0 if n < 2 else min(10, max(1, n // 10))
-
-
-def summarise(records: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    """Run summary: throughput over all steps but the first few (compilation, allocator and loader warm-up)."""
-    skip = excluded_warmup_steps(len(records))
-    window = records[skip:]
-    seconds = sum(r["step_time_s"] for r in window)
-    summary: dict[str, Any] = {
-        "steps": len(records),
-        "final_loss": records[-1]["loss"] if records else None,
-        "throughput_excludes_first_steps": skip,
-        "samples_per_s": sum(r["samples_per_s"] * r["step_time_s"] for r in window) / seconds if seconds else None,
-        "tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in window) / seconds if seconds else None,
-        "data_wait_fraction": sum(r["data_wait_s"] for r in window) / seconds if seconds else None,
-    }
-    for key in ("tflops_per_gpu", "mfu"):
-        if window and key in window[0]:
-            summary[key] = sum(r[key] * r["step_time_s"] for r in window) / seconds
-    summary.update(extra)
-    return summary
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

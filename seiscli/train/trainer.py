@@ -15,7 +15,7 @@ import torch.distributed as dist
 from seiscli.recipe import Recipe
 from seiscli.train.distributed import DistEnv
 from seiscli.train.flops import MAEFlops, peak_flops
-from seiscli.train.metrics import MetricsLog, summarise, write_summary
+from seiscli.train.metrics import MetricsLog, excluded_warmup_steps, write_summary
 from seiscli.train.model import Plan, batch_masks, patchify
 from seiscli.train.optim import lr_at
 from seiscli.train.parallel import Engine, MicroBatch
@@ -129,14 +129,15 @@ class Trainer:
         """Train from start_step to recipe.train.steps; `started` (a time.perf_counter() value, default now)
         is when the process started, for the summary's wall time."""
         env, t_start = self.env, time.perf_counter() if started is None else started
-        log = MetricsLog(self.run_dir, write=env.is_main)
+        steps = self.recipe.train.steps
+        log = MetricsLog(self.run_dir if env.is_main else None, skip=excluded_warmup_steps(steps - start_step))
         stopped: int | None = None
         status = "failed"
         try:
             with StopRequest() as stop:
                 batches = iter(self.loader)
                 self.engine.module.train()
-                for step in range(start_step, self.recipe.train.steps):
+                for step in range(start_step, steps):
                     record, stop_now = self.train_step(batches, step, stop)
                     log.log(record)
                     if env.is_main and (record["step"] % self.recipe.logging.interval == 0 or stop_now):
@@ -147,11 +148,10 @@ class Trainer:
                         break
             status = "completed" if stopped is None else "stopped"
         finally:
-            summary = summarise(
-                log.records,
+            summary = log.summary(
                 status=status,
                 signal=stopped,
-                steps_planned=self.recipe.train.steps,
+                steps_planned=steps,
                 start_step=start_step,
                 world_size=env.world_size,
                 global_batch=self.global_batch,
@@ -166,4 +166,4 @@ class Trainer:
             log.close()
             if env.is_main:
                 write_summary(self.run_dir, summary)
-        return RunResult(steps=len(log.records), signal=stopped, summary=summary)
+        return RunResult(steps=log.steps, signal=stopped, summary=summary)

@@ -26,7 +26,6 @@ class DDPEngine(Engine):
             self.ddp = DistributedDataParallel(
                 model,
                 device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                broadcast_buffers=False,  # the model has no buffers that change
                 gradient_as_bucket_view=True,
             )
         # DDP averages gradients over its group; the loss is normalised for a sum (see engine.py).

@@ -94,8 +94,22 @@ def _block_backward(
         cum_q, cum_k, max_q, max_k, seed, offset = extra
         # cuDNN asserts that out and dout have equal strides (pytorch/pytorch#176915).
         return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            dout.contiguous(), q, k, v, out.to(q.dtype).contiguous(), lse.unsqueeze(-1), seed, offset, None,
-            cum_q, cum_k, max_q, max_k, 0.0, False, scale=scale,
+            dout.contiguous(),
+            q,
+            k,
+            v,
+            out.to(q.dtype).contiguous(),
+            lse.unsqueeze(-1),
+            seed,
+            offset,
+            None,
+            cum_q,
+            cum_k,
+            max_q,
+            max_k,
+            0.0,
+            False,
+            scale=scale,
         )
     raise ValueError(f"ring attention backend {backend!r}")
 
@@ -206,7 +220,13 @@ def ring_backward(
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, scale: float, backend: str
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        group: dist.ProcessGroup,
+        scale: float,
+        backend: str,
     ) -> torch.Tensor:
         out, lse, extras = ring_forward(q, k, v, group, scale, backend)
         ctx.save_for_backward(q, k, v, out, lse)

@@ -1,0 +1,76 @@
+"""How long `seis status` takes with many recorded runs, against whatever Slurm this machine has.
+
+    python benchmarks/status_latency.py [--runs 50] [--repeat 7]
+
+Each row is the median wall time of a fresh `seis status --json` process (what a user waits for), next to
+the interpreter's own start and `seis --help` (the CLI's import cost), so the share spent on the runs and
+the scheduler queries is visible. "unfinished" runs all need the scheduler (one squeue call, one sacct call,
+one read of the jobcomp log); "finished" runs are answered from their submission.json alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from seiscli.recipe import load_recipe
+from seiscli.runs import create_run
+
+
+def wall(cmd: list[str], env: dict[str, str], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        subprocess.run(cmd, env=env, capture_output=True, check=True)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def make_runs(root: Path, n: int, state: str) -> None:
+    recipe = load_recipe("smoke", {"name": f"bench-{state.lower()}", "cluster.backend": "slurm"})
+    for i in range(n):
+        run = create_run(recipe, root)
+        run.update_submission(backend="slurm", job_id=str(990000 + i), state=state, submitted=time.time())
+        run.metrics_path.write_text("".join(json.dumps({"step": s, "samples_per_s": 10.0}) + "\n" for s in range(200)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--repeat", type=int, default=7)
+    args = ap.parse_args()
+    py = sys.executable
+    table = Table("command", "runs", "median wall (s)")
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "SEIS_RUNS_DIR": str(Path(tmp) / "empty")}
+        table.add_row("python -c pass", "-", f"{wall([py, '-c', 'pass'], env, args.repeat):.3f}")
+        table.add_row("seis --help", "-", f"{wall([py, '-m', 'seiscli', '--help'], env, args.repeat):.3f}")
+        secs = wall([py, "-m", "seiscli", "status", "--json"], env, args.repeat)
+        table.add_row("seis status --json", "0", f"{secs:.3f}")
+        for state, label in (("RUNNING", "unfinished"), ("COMPLETED", "finished")):
+            root = Path(tmp) / label
+            make_runs(root, args.runs, state)
+            env = {**os.environ, "SEIS_RUNS_DIR": str(root)}
+            secs = wall([py, "-m", "seiscli", "status", "--json"], env, args.repeat)
+            table.add_row("seis status --json", f"{args.runs} {label}", f"{secs:.3f}")
+            secs = wall([py, "-m", "seiscli", "status"], env, args.repeat)
+            table.add_row("seis status (table)", f"{args.runs} {label}", f"{secs:.3f}")
+    console = Console()
+    when = time.strftime("%Y-%m-%d %H:%M")
+    console.print(f"{platform.node()}, {os.cpu_count()} CPUs, {when}, median of {args.repeat} processes")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
