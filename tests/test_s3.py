@@ -156,6 +156,7 @@ def test_deleted_volume_is_dropped_and_the_stream_goes_on(
 ) -> None:
     uris = put_volumes(s3_bucket, s3_server.endpoint, {"a": 1, "b": 2})
     loader = build_loader(recipe(uris, s3_server.endpoint, workers=2), dp_rank=0, dp_size=1, device=CPU)
+    resumed = build_loader(recipe(uris, s3_server.endpoint), dp_rank=0, dp_size=1, device=CPU)
     it = iter(loader)
     for _ in range(2):
         next(it)
@@ -171,8 +172,7 @@ def test_deleted_volume_is_dropped_and_the_stream_goes_on(
     assert s["volumes_dropped"] == 1 and s["volumes_active"] == 1 and s["failed_reads"] >= 3
     assert any("b.mdio dropped after repeated read failures" in r.getMessage() for r in caplog.records)
     assert loader.state_dict()["dropped"] == [uris[1]]
-    # a resumed loader starts without it: every sample comes from a
-    resumed = build_loader(recipe(uris, s3_server.endpoint), dp_rank=0, dp_size=1, device=CPU)
+    # a loader resumed from this state starts without it: every sample comes from a
     resumed.load_state_dict(loader.state_dict())
     take(resumed, 2)
     assert resumed.stats()["failed_reads"] == 0

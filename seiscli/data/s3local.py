@@ -91,7 +91,11 @@ class FaultProxy:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
             app = web.Application(client_max_size=1 << 31)
-            app.router.add_route("*", "/{tail:.*}", lambda request: self._handle(request, session))
+
+            async def handler(request: Any) -> Any:
+                return await self._handle(request, session)
+
+            app.router.add_route("*", "/{tail:.*}", handler)
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", self._port)

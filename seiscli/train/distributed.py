@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,7 @@ class DistEnv:
     launcher: str
     device: torch.device
     cp: int
+    cp_group: Any = field(default=None, compare=False, repr=False)  # this rank's context-parallel group
 
     @property
     def dp_size(self) -> int:
@@ -117,7 +119,21 @@ def setup(recipe: Recipe, environ: Mapping[str, str] = os.environ) -> DistEnv:
             timeout=timedelta(minutes=30),
             device_id=device if device.type == "cuda" else None,
         )
-    return DistEnv(proc.rank, proc.world_size, proc.local_rank, proc.launcher, device, recipe.parallelism.cp)
+    cp = recipe.parallelism.cp
+    return DistEnv(proc.rank, proc.world_size, proc.local_rank, proc.launcher, device, cp, cp_groups(cp, proc.rank))
+
+
+def cp_groups(cp: int, rank: int) -> Any:
+    """This rank's context-parallel group: cp consecutive ranks (cp is the innermost mesh dimension, so a
+    group stays inside one node when cp <= GPUs per node). Every rank must create every group."""
+    if cp == 1:
+        return None
+    mine = None
+    for first in range(0, dist.get_world_size(), cp):
+        group = dist.new_group(list(range(first, first + cp)))
+        if first <= rank < first + cp:
+            mine = group
+    return mine
 
 
 def teardown() -> None:

@@ -29,11 +29,6 @@ def check_supported(recipe: Recipe) -> None:
     from seiscli.train.parallel import engine_class
 
     engine_class(recipe.parallelism.strategy)
-    if recipe.parallelism.cp > 1:
-        raise RecipeError(
-            f"parallelism.cp={recipe.parallelism.cp} needs ring attention, which this trainer does not have yet; "
-            "allowed: 1"
-        )
     if recipe.parallelism.compile:
         raise RecipeError("parallelism.compile=true is not supported by this trainer yet; allowed: false")
 
@@ -52,6 +47,8 @@ def train(recipe: Recipe, run_dir: Path, started: float) -> int:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         model = build_model(recipe, env.device)
+        if env.cp_group is not None:
+            model.set_context_parallel(env.cp_group, recipe.model.attention)
         engine = build_engine(model, recipe, env)
         from seiscli.train.data import build_loader
 

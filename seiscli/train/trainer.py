@@ -140,7 +140,8 @@ class Trainer:
                 for step in range(start_step, steps):
                     record, stop_now = self.train_step(batches, step, stop)
                     log.log(record)
-                    if env.is_main and (record["step"] % self.recipe.logging.interval == 0 or stop_now):
+                    last = stop_now or step == steps - 1
+                    if env.is_main and (record["step"] % self.recipe.logging.interval == 0 or last):
                         self._print(record)
                     if stop_now:
                         # A rank without a signal of its own stops too; it reports SIGTERM.

@@ -17,9 +17,11 @@ Differences from MAE, on purpose:
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -74,12 +76,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.sdpa = sdpa
+        # Context parallelism: the tokens here are one slab of the sample; the ring attends across slabs.
+        self.ring: Callable[..., torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        with self.sdpa():
-            o = F.scaled_dot_product_attention(q, k, v)
+        if self.ring is not None:
+            o = self.ring(q, k, v)
+        else:
+            with self.sdpa():
+                o = F.scaled_dot_product_attention(q, k, v)
         return self.proj(o.transpose(1, 2).reshape(b, s, d))
 
 
@@ -167,6 +174,20 @@ class MaskedAutoencoder3D(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
 
+    def set_context_parallel(self, group: dist.ProcessGroup | None, attention: str = "auto") -> None:
+        """Attend across the ranks of `group` (ring attention); each rank's forward then sees one slab."""
+        # Imported here: the parallel package imports this module.
+        from seiscli.train.parallel.ring_attention import ring_attention
+
+        if attention == "efficient":
+            raise RecipeError(
+                "model.attention='efficient' has no ring-attention kernel; with cp > 1 use auto, cudnn, flash or math"
+            )
+        ring = None if group is None else functools.partial(ring_attention, group=group, backend=attention)
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.ring = ring
+
     def _blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         ac = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for blk in blocks:
@@ -199,6 +220,10 @@ class MaskedAutoencoder3D(nn.Module):
         h = h + sincos_3d(keep + offset, self.grid, h.shape[-1]).to(h.dtype)
         if with_cls:
             h = torch.cat([self.cls_token.to(h.dtype).expand(b, -1, -1), h], dim=1)
+        else:
+            # Context-parallel ranks without the cls token still put it in their graph (with a zero gradient),
+            # so every rank's gradient reduction covers the same parameters.
+            h = h + 0 * self.cls_token.to(h.dtype)
         h = self.encoder_norm(self._blocks(self.encoder, h))
         if with_cls:
             h = h[:, 1:]
