@@ -1,4 +1,5 @@
-"""How long `seis status` takes with many recorded runs, against whatever Slurm this machine has.
+"""How long the light commands take (`seis --help`, `render`, `runs`), and `seis status` with many recorded
+runs against whatever Slurm this machine has.
 
     python benchmarks/status_latency.py [--runs 50] [--repeat 7]
 
@@ -55,7 +56,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "SEIS_RUNS_DIR": str(Path(tmp) / "empty")}
         table.add_row("python -c pass", "-", f"{wall([py, '-c', 'pass'], env, args.repeat):.3f}")
-        table.add_row("seis --help", "-", f"{wall([py, '-m', 'seiscli', '--help'], env, args.repeat):.3f}")
+        for cmd in (["--help"], ["render", "pretrain"], ["runs"]):
+            secs = wall([py, "-m", "seiscli", *cmd], env, args.repeat)
+            table.add_row("seis " + " ".join(cmd), "-", f"{secs:.3f}")
         secs = wall([py, "-m", "seiscli", "status", "--json"], env, args.repeat)
         table.add_row("seis status --json", "0", f"{secs:.3f}")
         for state, label in (("RUNNING", "unfinished"), ("COMPLETED", "finished")):

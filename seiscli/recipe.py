@@ -82,7 +82,7 @@ class Cluster(_Section):
         days, _, rest = self.time_limit.rpartition("-")
         parts = [int(x) for x in rest.split(":")]
         if days:
-            h, m, sec = (parts + [0, 0])[:3]
+            h, m, sec = [*parts, 0, 0][:3]
             return ((int(days) * 24 + h) * 60 + m) * 60 + sec
         if len(parts) == 3:
             return (parts[0] * 60 + parts[1]) * 60 + parts[2]

@@ -38,7 +38,7 @@ def test_overrides_apply_with_types() -> None:
         ({"model.encoder_depth": "abc"}, ["model.encoder_depth", "integer", "'abc'"]),
         ({"model.dept": 3}, ["model.dept", "allowed:", "encoder_depth"]),
         ({"parallelism.strategy": "zero4"}, ["parallelism.strategy", "'ddp'", "'fsdp2'"]),
-        ({"data.crop": [65, 64, 64]}, ["data.crop", "patch_size=16", "nearest valid: (64, 64, 64)"]),
+        ({"data.crop": [65, 64, 64]}, ["data.crop", "patch_size=8", "nearest valid: (64, 64, 64)"]),
         ({"parallelism.cp": 3}, ["parallelism.cp=3"]),
         ({"model.encoder_depth.x": 3}, ["model.encoder_depth", "not a section"]),
         ({"cluster.time_limit": "tomorrow"}, ["cluster.time_limit", "HH:MM:SS"]),

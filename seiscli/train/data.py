@@ -177,14 +177,11 @@ class CropDataset(Dataset[tuple[torch.Tensor, BatchReport]]):
         cz, cy, cx = self.crop
         return (cz // self.cp_size, cy, cx)
 
-    def _cum_weights(self) -> np.ndarray:
+    def _cum_weights(self) -> np.ndarray | None:
+        """Cumulative draw probabilities of the volumes not dropped; None when none is left."""
         w = self.weights.copy()
         w[list(self.dropped)] = 0.0
-        if w.sum() <= 0:
-            raise RuntimeError(
-                f"all {len(self.volumes)} volumes were dropped after repeated read failures; see the warnings above"
-            )
-        return np.cumsum(w / w.sum())
+        return np.cumsum(w / w.sum()) if w.sum() > 0 else None
 
     def drop(self, v: int, reason: str) -> None:
         with self._lock:
@@ -199,6 +196,10 @@ class CropDataset(Dataset[tuple[torch.Tensor, BatchReport]]):
         """Where sample `index` of this rank comes from; crops below min_live_fraction are redrawn."""
         best: CropSpec | None = None
         cum = self._cum
+        if cum is None:
+            raise RuntimeError(
+                f"all {len(self.volumes)} volumes were dropped after repeated read failures; see the warnings above"
+            )
         for attempt in range(MAX_ATTEMPTS):
             rng = np.random.default_rng([self.seed, self.dp_rank, index, attempt])
             v = int(min(np.searchsorted(cum, rng.random(), side="right"), len(self.volumes) - 1))

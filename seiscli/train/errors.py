@@ -3,3 +3,7 @@
 
 class LaunchError(RuntimeError):
     """The processes were started in a way this trainer cannot run in; the message says what to fix."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that exists but cannot be resumed from here (another model shape, world size or strategy)."""

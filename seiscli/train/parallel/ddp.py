@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
+from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -18,6 +18,7 @@ from seiscli.train.parallel.engine import Engine, MicroBatch, autocast
 
 class DDPEngine(Engine):
     name = "ddp"
+    reshardable = True  # a full replica loads on any world size
 
     def __init__(self, model: MaskedAutoencoder3D, recipe: Recipe, env: DistEnv) -> None:
         super().__init__(model, recipe, env)
@@ -50,9 +51,13 @@ class DDPEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+    def save(self, path: Path) -> None:
+        # Every rank holds the same replica: rank 0 writes it whole.
+        if self.env.is_main:
+            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+            torch.save(state, path / "model_optim.pt")
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load(self, path: Path) -> None:
+        state = torch.load(path / "model_optim.pt", map_location=self.env.device, weights_only=True)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

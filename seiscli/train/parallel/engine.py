@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,9 +59,17 @@ class Engine(ABC):
         """Clip, apply the optimizer at `lr`, zero the gradients; returns the global gradient norm before
         clipping (a 0-d tensor, the same on every rank)."""
 
-    @abstractmethod
-    def state_dict(self) -> dict[str, Any]:
-        """Model and optimizer state, as this strategy saves it."""
+    # Whether `load` accepts a checkpoint saved with another data-parallel world size.
+    reshardable: bool = False
 
     @abstractmethod
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def save(self, path: Path) -> None:
+        """Write model and optimizer state into the directory `path` (already created; on a filesystem all
+        ranks see). Every rank calls it, collectively; each writes what it owns (a replica's rank 0 writes
+        everything, a sharded strategy writes its shards). Nothing else is written there by the engine."""
+
+    @abstractmethod
+    def load(self, path: Path) -> None:
+        """Restore what `save` wrote into `path`. Every rank calls it. Raises CheckpointError (one line,
+        what differs and what is allowed) when the checkpoint cannot be loaded into this engine, e.g. another
+        world size on a strategy that is not reshardable."""
