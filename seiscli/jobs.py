@@ -481,7 +481,11 @@ class _Follower:
         self.out.flush()
         self.offsets[path] += cut
 
-    def flush_partial(self, path: Path) -> None:
+    def flush_partial(self, path: Path, *, always_header: bool = False) -> None:
+        """Print the rest of the file, an unfinished last line included; `always_header` names an empty file
+        too (a rank that printed nothing is still worth seeing listed)."""
+        if always_header:
+            self._header(path)
         try:
             with path.open("rb") as f:
                 f.seek(self.offsets.get(path, 0))
@@ -539,7 +543,7 @@ def show_logs(
         f = _Follower(out, multi=len(found) > 1)
         for p in found:
             f.start(p, tail)
-            f.flush_partial(p)
+            f.flush_partial(p, always_header=True)
         return 0
 
     f = _Follower(out, multi=rank is None or node is not None)

@@ -91,6 +91,11 @@ _S3_ENV = {
     "AWS_REGION": "us-east-1",
 }
 _s3_bucket_ids = _s3_itertools.count()
+# Set at import, not only in the fixture: the loader's forkserver starts once per test process, at its first use,
+# with the environment of that moment, and its workers see nothing set later.
+os.environ.update(_S3_ENV)
+for _key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_key, None)
 
 
 @pytest.fixture(scope="session")

@@ -26,8 +26,11 @@ def _worker(rank: int, world_size: int, store: str, fn: Callable[..., Any], args
         queue.put((rank, "ok", result if rank == 0 else None))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        dist.destroy_process_group()
+        os._exit(1)
+    # As the trainer's own entry point does: gloo's and DDP's C++ destructors can abort or hang at interpreter
+    # exit once peers are gone, so every rank waits for the others, then leaves without running them.
+    dist.barrier()
+    os._exit(0)
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300) -> Any:

@@ -139,13 +139,6 @@ def test_wrong_world_size_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "cluster.world_size is 2" in capsys.readouterr().err
 
 
-def test_context_parallel_is_refused_until_ring_attention_is_wired(tmp_path: Path, capsys: Any) -> None:
-    path = tmp_path / "cp.yaml"
-    path.write_text(load_recipe("smoke", {"parallelism.cp": 2}).to_yaml())
-    assert main([str(path), "--run-dir", str(tmp_path / "run")]) == 2
-    assert "parallelism.cp=2" in capsys.readouterr().err
-
-
 # -- DDP against one process -----------------------------------------------------------------------------
 
 STEPS = 3
