@@ -256,13 +256,7 @@ def show_status(rows: list[dict[str, Any]], *, detail: bool, console: Console) -
     )
     for r in rows:
         sps = r.get("samples_per_s")
-        st = JobStatus(
-            state=JobState(r["state"]),
-            reason=r.get("reason"),
-            exit_code=r.get("exit_code"),
-            signal=r.get("signal"),
-            restarts=r.get("restarts") or 0,
-        )
+        st = _row_status(r)
         table.add_row(
             r["run"],
             str(r.get("job_id") or "-"),
@@ -275,17 +269,22 @@ def show_status(rows: list[dict[str, Any]], *, detail: bool, console: Console) -
     console.print(table)
 
 
-def _show_detail(r: dict[str, Any], console: Console) -> None:
-    def line(key: str, value: Any) -> None:
-        console.print(f"[bold]{key:>12}[/]  {value if value not in (None, '', []) else '-'}", highlight=False)
-
-    st = JobStatus(
+def _row_status(r: dict[str, Any]) -> JobStatus:
+    """The status a row of `status_rows` was made from, for its label."""
+    return JobStatus(
         state=JobState(r["state"]),
         reason=r.get("reason"),
         exit_code=r.get("exit_code"),
         signal=r.get("signal"),
         restarts=r.get("restarts") or 0,
     )
+
+
+def _show_detail(r: dict[str, Any], console: Console) -> None:
+    def line(key: str, value: Any) -> None:
+        console.print(f"[bold]{key:>12}[/]  {value if value not in (None, '', []) else '-'}", highlight=False)
+
+    st = _row_status(r)
     line("run", r["run"])
     line("path", r["path"])
     line("backend", r.get("backend"))
