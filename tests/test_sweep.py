@@ -9,6 +9,7 @@ import pytest
 
 from seiscli.launch import plan_launch, write_run
 from seiscli.recipe import load_recipe
+from seiscli.runs import Run
 from seiscli.sweep import (
     Point,
     find_sweep,
@@ -60,3 +61,31 @@ def test_report_from_recorded_runs(tmp_path: Path) -> None:
     pts = sweep_points(path, tmp_path)
     assert [(p.nodes, p.gpus, p.state) for p in pts] == [(1, 8, "COMPLETED"), (2, 16, "COMPLETED")]
     assert pts[1].efficiency == pytest.approx(0.9)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm(nodes=2)
+def test_sweep_on_the_local_slurm_cluster(tmp_path: Path) -> None:
+    """scale-sweep submits one real job per node count; sweep-report reads their summaries once they end."""
+    from seiscli.backends.base import JobState
+    from tests.test_slurm import seis, wait_for
+
+    runs = tmp_path / "runs"
+    out = seis("scale-sweep", "smoke", "--nodes", "1,2", "--steps", "6", "--set", "cluster.backend=slurm", runs=runs)
+    assert out.returncode == 0, out.stdout + out.stderr
+    swept = [Run(p.parent) for p in sorted(runs.glob("smoke-n*/*/submission.json"))]
+    assert [r.path.parent.name for r in swept] == ["smoke-n1", "smoke-n2"]
+    for run in swept:
+        sub = wait_for(run, {JobState.COMPLETED, JobState.FAILED}, 300)
+        assert sub["state"] == "COMPLETED", seis("logs", run.id, runs=runs).stdout
+    report = seis("sweep-report", "smoke", "--json", runs=runs)
+    assert report.returncode == 0, report.stderr
+    doc = json.loads(report.stdout)
+    points = doc["points"]
+    assert [(p["nodes"], p["state"]) for p in points] == [(1, "COMPLETED"), (2, "COMPLETED")]
+    assert points[0]["efficiency"] == pytest.approx(1.0)
+    assert all(p["samples_per_s"] > 0 for p in points)
+    # Efficiency at 2 nodes is whatever the two runs measured, relative to the first.
+    expected = (points[1]["samples_per_s"] / 2) / points[0]["samples_per_s"]
+    assert points[1]["efficiency"] == pytest.approx(expected, rel=1e-6)
+    assert Path(doc["plot"]).read_text().startswith("<svg")
