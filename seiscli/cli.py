@@ -154,17 +154,32 @@ def launch(
     detach: Annotated[bool, typer.Option("--detach", help="Local backend: start and return at once.")] = False,
     runs_dir: RunsDir = None,
     cluster: ClusterOpt = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            help="Continue RUN (name, <name>/<timestamp>, job id or path) from its newest complete checkpoint; "
+            "the new run reads and writes RUN's checkpoint directory.",
+        ),
+    ] = None,
 ) -> None:
     """Render the recipe's job script, submit it and record a run directory."""
-    from seiscli.launch import execute, plan_launch
+    from seiscli.launch import execute, plan_launch, resume_source
 
     sets = list(set_ or [])
     if backend is not None:
         sets.append(f"cluster.backend={backend}")
+    source = None
+    if resume is not None:
+        try:
+            source = resume_source(resume, runs_dir)
+        except (LookupError, RecipeError) as e:
+            fail(f"--resume {resume}: {e}")
+        sets.append(f"checkpoint.dir={json.dumps(str(source.checkpoint_dir))}")  # JSON is YAML: any path reads back
     kw = {"nodes": nodes, "strategy": strategy, "zero_stage": zero_stage, "cp": cp, "steps": steps, "name": name}
     r = resolve_for_cluster(recipe, cluster, sets=sets, **kw)
     try:
-        plan = plan_launch(r, runs_dir, recipe_source=find_recipe(recipe))
+        plan = plan_launch(r, runs_dir, recipe_source=find_recipe(recipe), resume=source)
     except RecipeError as e:
         fail(str(e))
     for note in plan.notes:

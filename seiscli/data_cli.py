@@ -280,23 +280,38 @@ def bench(
 
     def view(p: dict[str, Any]) -> Table:
         t = Table(title=f"loader on {', '.join(uris)}: {p['elapsed_s']:.0f}/{seconds:.0f} s", title_justify="left")
-        for col in ("worker", "MiB/s", "samples/s", "busy"):
+        for col in ("worker", "MiB/s", "fetched MiB/s", "samples/s", "busy"):
             t.add_column(col, justify="right")
         for w, r in sorted(p["workers"].items()):
-            t.add_row(str(w), f"{r['bytes_per_s'] / 2**20:.1f}", f"{r['samples_per_s']:.2f}", f"{r['busy']:.0%}")
-        t.add_row("all", f"{p['bytes_per_s'] / 2**20:.1f}", f"{p['samples_per_s']:.2f}", f"retries {p['retries']}")
+            t.add_row(
+                str(w),
+                f"{r['bytes_per_s'] / 2**20:.1f}",
+                f"{r['read_bytes_per_s'] / 2**20:.1f}",
+                f"{r['samples_per_s']:.2f}",
+                f"{r['busy']:.0%}",
+            )
+        t.add_row(
+            "all",
+            f"{p['bytes_per_s'] / 2**20:.1f}",
+            f"{p['read_bytes_per_s'] / 2**20:.1f}",
+            f"{p['samples_per_s']:.2f}",
+            f"retries {p['retries']}",
+        )
         return t
 
-    live = Live(view({"elapsed_s": 0, "bytes_per_s": 0, "samples_per_s": 0, "retries": 0, "workers": {}}), console=out)
+    start = {"elapsed_s": 0, "bytes_per_s": 0, "read_bytes_per_s": 0, "samples_per_s": 0, "retries": 0, "workers": {}}
+    live = Live(view(start), console=out)
     try:
         with live:
             result = bench_loader(recipe, seconds=seconds, progress=lambda p: live.update(view(p)))
+        if not out.is_terminal:
+            out.line()  # rich ends a terminal's live display with a newline, not a pipe's
     except (VolumeError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     out.print(
         f"{result.bytes_per_s / 2**20:.1f} MiB/s decoded ({result.samples_per_s:.2f} samples/s of "
-        f"{'x'.join(map(str, crop))}) over {result.seconds:.1f} s; read {result.bytes_read / 2**20:.1f} MiB in "
-        f"{result.requests} GETs, {result.retries} retries; {result.bytes_per_cpu_s / 2**20:.1f} MiB per loader "
-        f"CPU-second",
+        f"{'x'.join(map(str, crop))}) over {result.seconds:.1f} s; {result.read_bytes_per_s / 2**20:.1f} MiB/s "
+        f"fetched ({result.bytes_read / 2**20:.1f} MiB as stored, {result.requests} GETs), {result.retries} retries; "
+        f"{result.bytes_per_cpu_s / 2**20:.1f} MiB decoded per loader CPU-second",
         highlight=False,
     )

@@ -256,30 +256,10 @@ def check_data(recipe: Recipe) -> list[Check]:
     return rows
 
 
-def _s3_client(recipe: Recipe) -> Any:
-    import boto3
-
-    return boto3.client("s3", endpoint_url=recipe.data.endpoint_url, region_name=recipe.data.region)
-
-
 def check_checkpoint(recipe: Recipe, runs_root: Path) -> Check:
+    """A probe file written and removed where the checkpoints will go (the schema allows only filesystems)."""
     target = recipe.checkpoint.dir or str(runs_root / recipe.name / "<timestamp>" / "checkpoints")
     probe = f".seis-doctor-{uuid.uuid4().hex[:8]}"
-    if target.startswith("s3://"):
-        bucket, _, prefix = target.removeprefix("s3://").partition("/")
-        key = f"{prefix.rstrip('/')}/{probe}" if prefix else probe
-        try:
-            s3 = _s3_client(recipe)
-            s3.put_object(Bucket=bucket, Key=key, Body=b"seis doctor")
-            s3.delete_object(Bucket=bucket, Key=key)
-        except Exception as e:  # botocore's errors: no credentials, AccessDenied, NoSuchBucket, endpoint down
-            return Check(
-                "checkpoint",
-                "fail",
-                f"{target}: cannot write: {_one_line(e)}",
-                "grant s3:PutObject/DeleteObject on that prefix to the nodes' role, or fix region/endpoint",
-            )
-        return Check("checkpoint", "pass", f"{target}: writable")
     base = Path(target) if recipe.checkpoint.dir else runs_root
     existing = next((p for p in [base, *base.parents] if p.exists()), None)
     if existing is None or not existing.is_dir():
@@ -296,7 +276,7 @@ def check_checkpoint(recipe: Recipe, runs_root: Path) -> Check:
             "checkpoint",
             "warn",
             f"{target}: writable here, but outside the shared filesystem {shared}",
-            f"other nodes cannot read it: use --runs-dir {shared}/... or checkpoint.dir on {shared} or s3://",
+            f"other nodes cannot read it: use --runs-dir {shared}/... or checkpoint.dir on {shared}",
         )
     return Check("checkpoint", "pass", f"{target}: writable (checked {existing})")
 

@@ -14,9 +14,10 @@ from typing import Any
 
 from rich.console import Console
 
-from seiscli.recipe import Recipe
+from seiscli.checkpoint_layout import find_latest, incompatibility, resolve_dir
+from seiscli.recipe import Recipe, RecipeError, load_recipe
 from seiscli.render import render_script
-from seiscli.runs import Run, create_run, runs_root
+from seiscli.runs import Run, create_run, find_run, runs_root
 
 SCRIPT_NAME = {
     "local": "launch.sh",
@@ -26,6 +27,29 @@ SCRIPT_NAME = {
 }
 
 
+@dataclass(frozen=True)
+class ResumeSource:
+    """`seis launch --resume RUN`: the run continued and its newest complete checkpoint."""
+
+    run_id: str
+    checkpoint_dir: Path
+    checkpoint: Path
+    step: int
+    manifest: dict[str, Any]
+
+
+def resume_source(ref: str, root: str | Path | None = None) -> ResumeSource:
+    """RUN's checkpoint directory and newest complete checkpoint; LookupError says what is missing."""
+    run = find_run(ref, root)
+    if not run.recipe_path.is_file():
+        raise LookupError(f"run {run.id} has no recipe.yaml; cannot tell where its checkpoints are")
+    ckpt_dir = resolve_dir(load_recipe(str(run.recipe_path)), run.path).resolve()
+    found = find_latest(ckpt_dir)
+    if found is None:
+        raise LookupError(f"run {run.id} has no complete checkpoint in {ckpt_dir}; nothing to resume from")
+    return ResumeSource(run.id, ckpt_dir, found.path, found.step, found.manifest)
+
+
 @dataclass
 class LaunchPlan:
     recipe: Recipe
@@ -33,14 +57,29 @@ class LaunchPlan:
     root: Path
     recipe_source: Path | None = None
     notes: list[str] = field(default_factory=list)
+    resume: ResumeSource | None = None
 
     @property
     def backend(self) -> str:
         return self.recipe.cluster.backend
 
 
-def plan_launch(recipe: Recipe, root: str | Path | None = None, *, recipe_source: Path | None = None) -> LaunchPlan:
+def plan_launch(
+    recipe: Recipe,
+    root: str | Path | None = None,
+    *,
+    recipe_source: Path | None = None,
+    resume: ResumeSource | None = None,
+) -> LaunchPlan:
     notes: list[str] = []
+    if resume is not None:
+        # The trainer resumes from recipe.checkpoint.dir; the caller points it at the resumed run's.
+        if recipe.checkpoint.dir is None or Path(recipe.checkpoint.dir).resolve() != resume.checkpoint_dir:
+            raise RecipeError(f"--resume {resume.run_id}: checkpoint.dir must be {resume.checkpoint_dir}")
+        problem = incompatibility(resume.manifest, recipe)
+        if problem:
+            raise RecipeError(f"--resume {resume.run_id}: cannot resume from {resume.checkpoint}: {problem}")
+        notes.append(f"resuming {resume.run_id} from {resume.checkpoint} (step {resume.step})")
     if recipe.cluster.backend == "local":
         from seiscli.backends.local import fit_to_machine
 
@@ -52,7 +91,7 @@ def plan_launch(recipe: Recipe, root: str | Path | None = None, *, recipe_source
     # so that a dry run shows exactly what will be submitted.
     placeholder = base / recipe.name / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     script = render_script(recipe, placeholder)
-    return LaunchPlan(recipe=recipe, script=script, root=base, recipe_source=recipe_source, notes=notes)
+    return LaunchPlan(recipe=recipe, script=script, root=base, recipe_source=recipe_source, notes=notes, resume=resume)
 
 
 def write_run(plan: LaunchPlan) -> Run:
@@ -61,6 +100,9 @@ def write_run(plan: LaunchPlan) -> Run:
     script.write_text(render_script(plan.recipe, run.path))
     script.chmod(0o755)
     run.update_submission(backend=plan.backend, script=script.name)
+    if plan.resume is not None:
+        r = plan.resume
+        run.update_submission(resumed_from=r.run_id, resume_checkpoint=str(r.checkpoint), resume_step=r.step)
     return run
 
 

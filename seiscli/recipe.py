@@ -21,6 +21,7 @@ Strategy = Literal["ddp", "zero1", "zero2", "zero3", "fsdp2"]
 Backend = Literal["local", "slurm", "hyperpod-slurm", "hyperpod-eks"]
 Precision = Literal["bf16", "fp32"]
 Attention = Literal["auto", "cudnn", "flash", "efficient", "math"]
+Checkpointing = Literal["none", "full", "save_attention"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 
@@ -148,6 +149,12 @@ class Data(_Section):
     clip: float = Field(4.0, gt=0)
     min_live_fraction: float = Field(0.5, ge=0, le=1)
     flips: bool = True
+    align_crops: bool = Field(
+        False,
+        description="crop origins snap to the volume's chunk grid, so a crop reads only the chunks it covers: "
+        "fewer distinct origins, no read amplification; the crop must be a multiple of the chunk shape "
+        "(checked when the volumes are opened)",
+    )
     workers: int = Field(2, ge=0)
     prefetch: int = Field(2, ge=1)
     concurrency: int = Field(32, ge=1, description="chunk GETs in flight per loader process (worker)")
@@ -168,10 +175,18 @@ class Data(_Section):
 class Parallelism(_Section):
     strategy: Strategy = "zero2"
     cp: int = Field(1, ge=1, description="context-parallel degree")
-    activation_checkpointing: bool = False
+    activation_checkpointing: Checkpointing = Field(
+        "none", description="none | full (recompute each block) | save_attention (keep attention outputs)"
+    )
     compile: bool = False
     reduce_bucket_size: int = Field(50_000_000, ge=1)
     allgather_bucket_size: int = Field(200_000_000, ge=1)
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _ac_bool(cls, v: Any) -> Any:
+        # Older recipes say true/false.
+        return {True: "full", False: "none"}.get(v, v) if isinstance(v, bool) else v
 
 
 class Optim(_Section):
@@ -195,9 +210,19 @@ class Train(_Section):
 
 
 class Checkpoint(_Section):
-    dir: str | None = Field(None, description="local path or s3://; default <run dir>/checkpoints")
+    dir: str | None = Field(None, description="a path every node mounts; default <run dir>/checkpoints")
     interval: int = Field(500, ge=0, description="steps between saves; 0 = only on signal and at the end")
     keep: int = Field(3, ge=1)
+
+    @field_validator("dir")
+    @classmethod
+    def _filesystem(cls, v: str | None) -> str | None:
+        if v and "://" in v:
+            raise ValueError(
+                f"{v!r}: object-store checkpoints (s3://) are not supported by this trainer yet; allowed: a path "
+                "on a filesystem every node mounts (e.g. under cluster.shared_dir), or empty for <run dir>/checkpoints"
+            )
+        return v
 
 
 class Logging(_Section):
@@ -235,6 +260,12 @@ class Recipe(_Section):
         cp, world = self.parallelism.cp, self.cluster.world_size
         if world % cp:
             raise ValueError(f"parallelism.cp={cp} does not divide the world size {world} (nodes x procs per node)")
+        if cp > 1 and self.parallelism.strategy.startswith("zero"):
+            # DeepSpeed would need its sequence-parallel mpu (sum over cp, average over dp); not wired.
+            raise ValueError(
+                f"parallelism.cp={cp} with parallelism.strategy={self.parallelism.strategy}: context parallelism "
+                "runs with strategy fsdp2 or ddp; allowed with zero1/zero2/zero3: parallelism.cp=1"
+            )
         n = self.num_tokens
         if n % cp:
             raise ValueError(f"the crop's {n} tokens do not split over parallelism.cp={cp}")

@@ -45,14 +45,19 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
             join=False,
             start_method="spawn",
         )
-        procs.join(timeout)
+        crashed = ""
+        try:
+            procs.join(timeout)
+        except mp.ProcessExitedException as e:
+            # A rank failed (it reported, then exited 1) or crashed; join has killed the others.
+            crashed = f"\n{e}"
         results = [queue.get() for _ in range(world_size) if not queue.empty()]
         for p in procs.processes:
             if p.is_alive():
                 p.kill()
     errors = [f"rank {r}:\n{payload}" for r, status, payload in results if status == "error"]
-    if errors:
-        raise AssertionError("\n".join(errors))
+    if errors or crashed:
+        raise AssertionError("\n".join(errors) + crashed)
     if len(results) != world_size:
         raise AssertionError(f"only {len(results)} of {world_size} ranks reported (timeout {timeout}s or crash)")
     return next(payload for r, _, payload in results if r == 0)

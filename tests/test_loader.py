@@ -20,7 +20,7 @@ from seiscli.data.synth import synthetic_volume
 from seiscli.data.volume import open_volume
 from seiscli.data.write import write_volume
 from seiscli.recipe import Recipe, validate
-from seiscli.train.data import CropLoader, build_loader
+from seiscli.train.data import NORM_BLOCK, CropLoader, build_loader, normalize_
 
 CPU = torch.device("cpu")
 SYNTH = (40, 40, 48)
@@ -81,6 +81,23 @@ def test_batches_are_normalised_crops(data_dir: Path) -> None:
     assert abs(float(allv.mean())) < 0.3 and 0.6 < float(allv.std()) < 2.0
     assert loader.state_dict()["position"] == 16
     assert any(p.name.startswith("synth-") for p in data_dir.iterdir())
+
+
+@pytest.mark.parametrize("centre_scale", [(0.25, 1.5), None])
+def test_blocked_normalisation_matches_the_whole_array_formula(centre_scale: tuple[float, float] | None) -> None:
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3, 70, NORM_BLOCK // 64 + 5)) * 5).astype(np.float32)  # blocks straddle rows
+    x[0, 1, :7], x[1, 2, 3], x[2, 3, 4] = np.nan, np.inf, -np.inf
+    want = x.copy()
+    if centre_scale is not None:
+        want = np.clip((want - np.float32(centre_scale[0])) * np.float32(1 / centre_scale[1]), -3.0, 3.0)
+    want = np.nan_to_num(want, nan=0.0, posinf=0.0, neginf=0.0)
+    got = x.copy()
+    normalize_(got, centre_scale, 3.0)
+    assert np.array_equal(got, want)  # the same bits, not merely close
+    strided = x.copy()[:, ::-1]  # not contiguous: normalised in place as a whole
+    normalize_(strided, centre_scale, 3.0)
+    assert np.array_equal(strided, want[:, ::-1])
 
 
 def test_flips_and_transposes_are_drawn_only_when_enabled(data_dir: Path) -> None:
@@ -296,3 +313,73 @@ def test_concurrent_cache_creation_is_atomic(tmp_path: Path, lock: bool) -> None
     assert leftovers == []
     vol = open_volume(path)
     assert np.array_equal(vol.read((0, 0, 0), vol.shape), synthetic_volume((24, 24, 40), 7))
+
+
+# -- data.align_crops ------------------------------------------------------------------------------
+
+GRID = (8, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def gridded(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """40x44x32 in 8^3 chunks: 44 is not a multiple of 8, so the last aligned y origin is 24, not 28."""
+    uri = str(tmp_path_factory.mktemp("grid") / "g.mdio")
+    write_volume(uri, synthetic_volume((40, 44, 32), seed=5), chunks=GRID)
+    return uri
+
+
+def test_aligned_origins_are_on_the_chunk_grid_and_cover_it_uniformly(gridded: str) -> None:
+    ds = build_loader(mdio_recipe([gridded], align_crops=True), dp_rank=0, dp_size=1, device=CPU).dataset
+    origins = [ds.spec(i).origin for i in range(2400)]
+    assert all(o % g == 0 for origin in origins for o, g in zip(origin, GRID, strict=True))
+    # every aligned position with the crop inside the volume: z 0..24, y 0..24, x 0..16 in steps of 8
+    every = set(itertools.product(range(0, 25, 8), range(0, 25, 8), range(0, 17, 8)))
+    counts = {o: origins.count(o) for o in every}
+    assert set(origins) == every  # 48 positions, each drawn ~50 times
+    assert min(counts.values()) > 20 and max(counts.values()) < 90
+    default = build_loader(mdio_recipe([gridded]), dp_rank=0, dp_size=1, device=CPU).dataset
+    unaligned = {default.spec(i).origin for i in range(200)}
+    assert any(o % g for origin in unaligned for o, g in zip(origin, GRID, strict=True))  # off by default
+    assert len(unaligned) > len(every)
+
+
+def test_aligned_crops_read_exactly_the_chunks_they_cover(gridded: str) -> None:
+    per_crop = {}
+    for align in (True, False):
+        loader = build_loader(mdio_recipe([gridded], align_crops=align), dp_rank=0, dp_size=1, device=CPU)
+        it = iter(loader)
+        next(it)  # opens the array: metadata GETs are not crop reads
+        before = loader.stats()
+        batches = [next(it) for _ in range(10)]
+        after = loader.stats()
+        per_crop[align] = (after["requests"] - before["requests"]) / (after["samples"] - before["samples"])
+        assert after["missing_chunks"] == before["missing_chunks"]  # every chunk is there: GETs = chunks
+        for pos in (2, 7):  # still the right normalised, flipped crops
+            got = batches[pos // 2 - 1][pos % 2, 0].numpy()
+            assert np.allclose(got, expected_sample(loader, pos), atol=1e-5)
+    assert per_crop[True] == 2 * 2 * 2  # crop 16^3 over 8^3 chunks
+    assert per_crop[False] > 8  # random origins straddle chunk edges: more GETs per crop
+
+
+def test_aligned_crops_keep_dead_trace_skipping_and_resume(volumes: Path) -> None:
+    # a.mdio: 64x64x32 in 32^3 chunks, traces with y >= 32 dead; aligned 32^3 crops sit at y 0 or 32
+    recipe = mdio_recipe([str(volumes / "a.mdio")], crop=[32, 32, 32], align_crops=True, min_live_fraction=0.5)
+    loader = build_loader(recipe, dp_rank=0, dp_size=1, device=CPU)
+    specs = [loader.dataset.spec(i) for i in range(64)]
+    assert {s.origin for s in specs} == {(0, 0, 0), (32, 0, 0)} and min(s.live_fraction for s in specs) == 1.0
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    expected = [next(it) for _ in range(2)]
+    resumed = build_loader(recipe, dp_rank=0, dp_size=1, device=CPU)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(expected, take(resumed, 2), strict=True))
+
+
+def test_align_crops_needs_a_crop_that_is_a_multiple_of_the_chunks(volumes: Path) -> None:
+    a = str(volumes / "a.mdio")  # 32^3 chunks: a 16^3 crop would still read whole chunks around it
+    with pytest.raises(
+        ValueError, match=r"data\.align_crops: crop \(16, 16, 16\) .* chunk shape \(32, 32, 32\) of .*a\.mdio"
+    ):
+        build_loader(mdio_recipe([a], align_crops=True), dp_rank=0, dp_size=1, device=CPU)
+    build_loader(mdio_recipe([a]), dp_rank=0, dp_size=1, device=CPU)  # fine unaligned

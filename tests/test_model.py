@@ -9,7 +9,7 @@ from torch import nn
 
 from seiscli.recipe import RecipeError
 from seiscli.train.model import MaskedAutoencoder3D, batch_masks, patchify, plan_lengths
-from seiscli.train.model.mae3d import sdpa_context
+from seiscli.train.model.mae3d import _SeenKernels, resolve_attention, sdpa_context
 from seiscli.train.model.pos_embed import axis_dims, sincos_3d
 
 GRID = (2, 3, 4)
@@ -163,9 +163,10 @@ def test_every_parameter_gets_a_gradient() -> None:
     assert missing == []  # DDP runs with find_unused_parameters=False
 
 
-def test_activation_checkpointing_gives_the_same_loss_and_gradients() -> None:
+@pytest.mark.parametrize("mode", [True, "full", "save_attention"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(mode: bool | str) -> None:
     grads = []
-    for ac in (False, True):
+    for ac in (False, mode):
         m = tiny(activation_checkpointing=ac)
         loss = m(patchify(volume(), P), *masks())
         loss.backward()
@@ -173,6 +174,32 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients() -> None:
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
     for a, b in zip(grads[0][1], grads[1][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_save_attention_recomputes_everything_but_the_attention_kernel() -> None:
+    """Fused attention calls in forward + backward: one per block without recompute or with save_attention,
+    two with full recompute; every other op is recomputed by both checkpointing modes."""
+    counts = {}
+    for ac in ("none", "full", "save_attention"):
+        m = tiny(activation_checkpointing=ac)
+        with _SeenKernels() as seen:
+            loss = m(patchify(volume(), P), *masks())
+            loss.backward()
+        counts[ac] = len(seen.seen)
+    assert counts == {"none": 4, "full": 8, "save_attention": 4}
+
+
+def test_checkpointing_mode_is_checked() -> None:
+    with pytest.raises(RecipeError, match="save_attention"):
+        tiny(activation_checkpointing="selective")
+
+
+def test_resolve_attention_names_the_kernel_sdpa_runs() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_attention("auto", cpu, (12, 6)) == "flash"  # torch's CPU SDPA is a flash kernel
+    assert resolve_attention("math", cpu, (64,)) == "math"
+    assert tiny().attention_kernel(cpu) == "flash"
+    assert tiny(attention="math").attention_kernel(cpu) == "math"
 
 
 def test_slab_offset_and_cls_flag_select_positions() -> None:

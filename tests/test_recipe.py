@@ -82,3 +82,11 @@ def test_resolved_recipe_round_trips(tmp_path: Path) -> None:
     p = tmp_path / "resolved.yaml"
     p.write_text(r.to_yaml())
     assert load_recipe(str(p)) == r
+
+
+def test_activation_checkpointing_modes_and_old_booleans() -> None:
+    key = "parallelism.activation_checkpointing"
+    for given, mode in ((True, "full"), (False, "none"), ("save_attention", "save_attention"), ("none", "none")):
+        assert load_recipe("smoke", {key: given}).parallelism.activation_checkpointing == mode
+    with pytest.raises(RecipeError, match=r"activation_checkpointing.*'none', 'full' or 'save_attention'"):
+        load_recipe("smoke", {key: "selective"})

@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -201,6 +202,24 @@ def test_missing_dataset_fails_fast(s3_server: MotoS3, s3_bucket: str) -> None:
         build_loader(recipe([f"{s3_bucket}/nothing.mdio"], ep), dp_rank=0, dp_size=1, device=CPU)
     with pytest.raises(FileNotFoundError, match="matches no dataset"):
         build_loader(recipe([f"{s3_bucket}/none/*.mdio"], ep), dp_rank=0, dp_size=1, device=CPU)
+
+
+def test_bench_over_s3_reports_decoded_and_fetched_rates(s3_server: MotoS3, s3_bucket: str) -> None:
+    (uri,) = put_volumes(s3_bucket, s3_server.endpoint, {"a": 1})
+    r = seis("data", "bench", uri, "--crop", "16", "16", "32", "--workers", "1", "--seconds", "2",
+             "--endpoint-url", s3_server.endpoint)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    m = re.search(
+        r"^([\d.]+) MiB/s decoded \(([\d.]+) samples/s of 16x16x32\) over ([\d.]+) s; ([\d.]+) MiB/s fetched "
+        r"\(([\d.]+) MiB as stored, (\d+) GETs\), 0 retries",
+        r.stdout,
+        re.MULTILINE,  # on a line of its own, after the progress table
+    )
+    assert m, r.stdout
+    decoded, samples, seconds, fetched, stored, gets = (float(g) for g in m.groups())
+    assert samples > 0 and gets > 0 and stored > 0
+    assert decoded == pytest.approx(samples * 16 * 16 * 32 * 4 / 2**20, rel=0.02, abs=0.1)
+    assert fetched == pytest.approx(stored / seconds, rel=0.05, abs=0.1)  # a rate of what was counted
 
 
 def _write_segy(path: Path, data: np.ndarray, live: np.ndarray) -> None:

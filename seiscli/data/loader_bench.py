@@ -64,6 +64,11 @@ class LoaderBench:
         return self.decoded_bytes / self.seconds
 
     @property
+    def read_bytes_per_s(self) -> float:
+        """Bytes fetched from the store per second, as stored (compressed, whole chunks)."""
+        return self.bytes_read / self.seconds
+
+    @property
     def samples_per_s(self) -> float:
         return self.samples / self.seconds
 
@@ -106,6 +111,7 @@ def bench_loader(
                     {
                         "elapsed_s": dt,
                         "bytes_per_s": (s["decoded_bytes"] - base["decoded_bytes"]) / dt,
+                        "read_bytes_per_s": (s["bytes_read"] - base["bytes_read"]) / dt,
                         "samples_per_s": (s["samples"] - base["samples"]) / dt,
                         "retries": s["retries"] - base["retries"],
                         "workers": _worker_rates(loader.worker_stats(), base_workers, dt),
@@ -137,6 +143,7 @@ def _worker_rates(
         cpu = s["cpu_s"] - b.get("cpu_s", 0)
         out[w] = {
             "bytes_per_s": decoded / dt,
+            "read_bytes_per_s": (s["bytes_read"] - b.get("bytes_read", 0)) / dt,
             "samples_per_s": (s["samples"] - b.get("samples", 0)) / dt,
             "busy": (s["busy_s"] - b.get("busy_s", 0)) / dt,
             "cpu_s": cpu,

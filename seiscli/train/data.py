@@ -10,6 +10,12 @@ Context parallelism: the ranks of a CP group share dp_rank, hence the sample; ra
 slab, the c-th contiguous 1/P of the crop along z after flips and transposes (= tokens [c*N/P, (c+1)*N/P)
 in C-order over the (z, y, x) patch grid), so each rank fetches 1/P of the bytes.
 
+data.align_crops: origins are drawn on the volume's chunk grid (uniformly over the aligned positions), so a
+crop that is a multiple of the chunk shape reads exactly the chunks it covers; a random origin reads whole
+chunks beyond the crop's edges (~2x the bytes at 3-4 chunks per axis). A crop that is not a multiple of some
+volume's chunks is an error at build time rather than a silent half-measure. (With context parallelism a slab
+that is not a multiple of the chunk depth still makes neighbouring ranks fetch the chunks they share.)
+
 Throughput: workers are started by forkserver, so no event loop, connection pool or Rust runtime of the
 trainer process crosses a fork; each worker reads the samples of a batch concurrently (one thread each,
 all GETs of the process capped at data.concurrency by RetryingStore) straight into the batch tensor in
@@ -46,6 +52,7 @@ Shape3 = tuple[int, int, int]
 MAX_ATTEMPTS = 64  # crops tried per sample before a volume is declared too dead to train on
 SYNTH_CHUNKS: Shape3 = (64, 64, 64)  # the local synthetic cache: small volumes, small crops
 STATE_VERSION = 2
+NORM_BLOCK = 1 << 16  # float32s normalised at a time: 256 KiB, stays in L2
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,20 @@ def volume_view(out: np.ndarray, spec: CropSpec) -> np.ndarray:
     return v
 
 
+def normalize_(out: np.ndarray, centre_scale: tuple[float, float] | None, clip: float) -> None:
+    """In place: (x - centre) / scale clipped to +-clip (when centre_scale is given), NaN/inf (dead traces are
+    NaN in MDIO) to 0. Done block by block so the four passes run in cache, not four trips through memory:
+    on a 36 MiB crop 24 ms instead of 55 (dev box, ad hoc), the same bits."""
+    flat = out.reshape(-1) if out.flags.c_contiguous else None
+    blocks = (flat[i : i + NORM_BLOCK] for i in range(0, flat.size, NORM_BLOCK)) if flat is not None else [out]
+    for b in blocks:
+        if centre_scale is not None:
+            b -= np.float32(centre_scale[0])
+            b *= np.float32(1.0 / centre_scale[1])
+            np.clip(b, -clip, clip, out=b)
+        np.nan_to_num(b, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _CPU_MARK: dict[int, float] = {}
 
@@ -134,6 +155,7 @@ class CropDataset(Dataset[tuple[torch.Tensor, BatchReport]]):
         cp_rank: int = 0,
         cp_size: int = 1,
         max_volume_failures: int = 3,
+        align_crops: bool = False,
     ) -> None:
         if not 0 <= cp_rank < cp_size:
             raise ValueError(f"cp_rank {cp_rank} is outside 0..{cp_size - 1}")
@@ -150,6 +172,7 @@ class CropDataset(Dataset[tuple[torch.Tensor, BatchReport]]):
         self.normalization = normalization
         self.clip = clip
         self.max_volume_failures = max_volume_failures
+        self.steps = [_origin_steps(v, crop, align_crops) for v in volumes]
         self.weights = np.array([_weight(v) for v in volumes], dtype=np.float64)
         self.centre_scale = [_centre_scale(v, normalization) for v in volumes]
         self.dropped: set[int] = set()
@@ -204,7 +227,11 @@ class CropDataset(Dataset[tuple[torch.Tensor, BatchReport]]):
             rng = np.random.default_rng([self.seed, self.dp_rank, index, attempt])
             v = int(min(np.searchsorted(cum, rng.random(), side="right"), len(self.volumes) - 1))
             vol = self.volumes[v]
-            origin = tuple(int(rng.integers(0, n - c + 1)) for n, c in zip(vol.shape, self.crop, strict=True))
+            # step 1 (the default) draws any origin; a chunk step draws uniformly over the aligned ones
+            origin = tuple(
+                int(rng.integers(0, (n - c) // k + 1)) * k
+                for n, c, k in zip(vol.shape, self.crop, self.steps[v], strict=True)
+            )
             fz, fy, tr = (bool(b) for b in rng.integers(0, 2, 3)) if self.flips else (False, False, False)
             tr = tr and self.crop[0] == self.crop[1]
             live = vol.live_fraction(origin[:2], self.crop[:2]) if vol.info.has_mask else 1.0
@@ -223,12 +250,8 @@ class CropDataset(Dataset[tuple[torch.Tensor, BatchReport]]):
         """Read this rank's slab of one crop into `out` (cz/P, cy, cx) float32, flipped and normalised."""
         origin, _ = slab_box(spec, self.crop, self.cp_rank, self.cp_size)
         self.volumes[spec.volume].read_into(origin, volume_view(out, spec))
-        if self.normalization == "zscore":
-            centre, scale = self.centre_scale[spec.volume]
-            out -= np.float32(centre)
-            out *= np.float32(1.0 / scale)
-            np.clip(out, -self.clip, self.clip, out=out)
-        np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # dead traces are NaN in MDIO
+        centre_scale = self.centre_scale[spec.volume] if self.normalization == "zscore" else None
+        normalize_(out, centre_scale, self.clip)
 
     def load(self, index: int, out: np.ndarray) -> None:
         """Sample `index` into `out`. A failed read is repeated; a volume failing max_volume_failures times in
@@ -293,6 +316,19 @@ class _Positions(Sampler[int]):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
+
+
+def _origin_steps(v: Volume, crop: Shape3, align: bool) -> Shape3:
+    """Spacing of the crop origins drawn in `v`: 1 per axis, or its chunk shape under data.align_crops."""
+    if not align:
+        return (1, 1, 1)
+    if any(c % k for c, k in zip(crop, v.chunks, strict=True)):
+        raise ValueError(
+            f"data.align_crops: crop {tuple(crop)} is not a multiple of the chunk shape {v.chunks} of {v.uri} on "
+            f"every axis, so aligned crops would still read chunks beyond their edges; choose a crop that is a "
+            f"multiple of the chunks or set data.align_crops=false"
+        )
+    return v.chunks
 
 
 def _weight(v: Volume) -> float:
@@ -599,5 +635,6 @@ def build_loader(
         cp_rank=cp_rank,
         cp_size=cp_size,
         max_volume_failures=data.max_volume_failures,
+        align_crops=data.align_crops,
     )
     return CropLoader(dataset, workers=data.workers, prefetch=data.prefetch, device=device)

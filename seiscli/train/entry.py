@@ -1,20 +1,23 @@
 """`python -m seiscli.train RECIPE.yaml --run-dir DIR`: set up, train, exit with a meaningful code.
 
-Exit codes: 0 finished; 2 bad recipe or launch (one line on stderr says what to change); 1 any other
-failure (traceback, then one `error:` line); 128 + signal number when stopped by a signal after a clean end
-of step (143 SIGTERM, 130 SIGINT).
+Exit codes: 0 finished (or checkpointed and requeued after SIGUSR1); 2 bad recipe or launch, or a checkpoint
+this run cannot resume from (one line on stderr says what to change); 1 any other failure (traceback, then
+one `error:` line); 128 + signal number when stopped by a signal after a clean end of step and a checkpoint
+(143 SIGTERM, 130 SIGINT, 138 SIGUSR1 outside Slurm).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import traceback
 from pathlib import Path
 
 from seiscli.recipe import Recipe, RecipeError, load_recipe
-from seiscli.train.errors import LaunchError
+from seiscli.train.errors import CheckpointError, LaunchError
+from seiscli.train.signals import catch_early_usr1
 
 PROG = "python -m seiscli.train"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -24,24 +27,15 @@ def _error(msg: str) -> None:
     print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
 
 
-def check_supported(recipe: Recipe) -> None:
-    """What the recipe may ask for that this trainer cannot do yet: refuse before building anything."""
-    from seiscli.train.parallel import engine_class
-
-    engine_class(recipe.parallelism.strategy)
-    if recipe.parallelism.compile:
-        raise RecipeError("parallelism.compile=true is not supported by this trainer yet; allowed: false")
-
-
 def train(recipe: Recipe, run_dir: Path, started: float) -> int:
     # torch is imported here, after the recipe was read, so a bad recipe fails in a fraction of a second.
     from seiscli.train import distributed
+    from seiscli.train.checkpoint import CheckpointManager
     from seiscli.train.flops import recipe_flops
     from seiscli.train.model import build_model, plan_for
     from seiscli.train.parallel import build_engine
     from seiscli.train.trainer import Trainer
 
-    check_supported(recipe)
     plan = plan_for(recipe)
     env = distributed.setup(recipe)
     try:
@@ -50,18 +44,25 @@ def train(recipe: Recipe, run_dir: Path, started: float) -> int:
         if env.cp_group is not None:
             model.set_context_parallel(env.cp_group, recipe.model.attention)
         engine = build_engine(model, recipe, env)
+        if env.is_main:  # e.g. the generated DeepSpeed config, kept with the run
+            for name, content in engine.config_files().items():
+                (run_dir / name).write_text(json.dumps(content, indent=2) + "\n")
         from seiscli.train.data import build_loader
 
         loader = build_loader(recipe, dp_rank=env.dp_rank, dp_size=env.dp_size, device=env.device)
-        trainer = Trainer(recipe, env, engine, loader, plan, recipe_flops(recipe, plan), run_dir)
-        result = trainer.run(started=started)
+        checkpoints = CheckpointManager(recipe, env, run_dir)
+        start = checkpoints.resume(engine, loader)  # 0 when there is no checkpoint yet
+        trainer = Trainer(recipe, env, engine, loader, plan, recipe_flops(recipe, plan), run_dir, checkpoints)
+        result = trainer.run(start_step=start, started=started)
     finally:
         distributed.teardown()
-    return EXIT_OK if result.signal is None else 128 + result.signal
+    # Requeued: Slurm ends this attempt and starts the job again, which resumes from the checkpoint.
+    return EXIT_OK if result.signal is None or result.requeued else 128 + result.signal
 
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
+    catch_early_usr1()
     parser = argparse.ArgumentParser(prog=PROG, description="Train the recipe's 3D MAE (run once per process).")
     parser.add_argument("recipe", help="resolved recipe YAML written by the launcher")
     parser.add_argument("--run-dir", required=True, type=Path, help="where metrics.jsonl and summary.json go")
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe)
         return train(recipe, args.run_dir, started)
-    except (RecipeError, LaunchError) as e:
+    except (RecipeError, LaunchError, CheckpointError) as e:
         _error(str(e))
         return EXIT_USAGE
     except Exception as e:

@@ -3,7 +3,9 @@
 The launcher tails metrics.jsonl live, so every line is flushed as soon as it is written. Key names of a
 step line: step, loss, lr, grad_norm, step_time_s, data_wait_s, samples_per_s, tokens_per_s, world_size,
 time (unix seconds), plus tflops_per_gpu, mfu (only where the GPU's peak is known) and max_mem_gb (CUDA).
-samples_per_s and tokens_per_s are global; a sample's tokens are all N tokens of its crop.
+samples_per_s and tokens_per_s are global; a sample's tokens are all N tokens of its crop. Stragglers:
+step_time_max_s is the slowest rank's time up to the step's collective, straggler_ratio that over the
+median rank's; the summary keeps the worst ratio (straggler_ratio_max, at straggler_step).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class MetricsLog:
         self._seconds = 0.0
         self._wait = 0.0
         self._sums: dict[str, float] = {}
+        self._straggler: tuple[float, int] | None = None  # worst (ratio, step) after the skipped steps
         self._file: TextIO | None = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if run_dir else None  # noqa: SIM115
 
     def log(self, record: dict[str, Any]) -> None:
@@ -47,6 +50,9 @@ class MetricsLog:
             for key in _RATES:
                 if key in record:
                     self._sums[key] = self._sums.get(key, 0.0) + record[key] * dt
+            ratio = record.get("straggler_ratio")
+            if ratio is not None and (self._straggler is None or ratio > self._straggler[0]):
+                self._straggler = (ratio, record["step"])
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
@@ -59,6 +65,8 @@ class MetricsLog:
             "throughput_excludes_first_steps": self.skip,
             **{key: (v / s if s else None) for key, v in self._sums.items()},
             "data_wait_fraction": self._wait / s if s else None,
+            "straggler_ratio_max": self._straggler[0] if self._straggler else None,
+            "straggler_step": self._straggler[1] if self._straggler else None,
         }
         summary.setdefault("samples_per_s", None)
         summary.update(extra)
@@ -68,6 +76,27 @@ class MetricsLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def drop_steps_after(run_dir: Path, step: int) -> None:
+    """Keep only the lines of steps <= `step` in metrics.jsonl (atomically): a run resumed from the checkpoint
+    of `step` does the later steps again, and the file stays one line per step."""
+    path = run_dir / METRICS_FILE
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    except FileNotFoundError:
+        return
+    kept = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the torn last line of a killed run
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = run_dir / f".{METRICS_FILE}.tmp"
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

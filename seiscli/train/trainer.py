@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import statistics
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -13,13 +14,15 @@ import torch
 import torch.distributed as dist
 
 from seiscli.recipe import Recipe
+from seiscli.train.checkpoint import CheckpointManager
 from seiscli.train.distributed import DistEnv
 from seiscli.train.flops import MAEFlops, peak_flops
-from seiscli.train.metrics import MetricsLog, excluded_warmup_steps, write_summary
+from seiscli.train.metrics import MetricsLog, drop_steps_after, excluded_warmup_steps, write_summary
 from seiscli.train.model import Plan, batch_masks, patchify
 from seiscli.train.optim import lr_at
 from seiscli.train.parallel import Engine, MicroBatch
-from seiscli.train.signals import StopRequest
+from seiscli.train.signals import BY_PRIORITY, StopRequest, priority
+from seiscli.train.slurm_requeue import requeue
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class RunResult:
     steps: int
     signal: int | None  # the signal that stopped the run early, None when it ran to the end
     summary: dict[str, Any]
+    requeued: bool = False  # stopped by SIGUSR1 and Slurm accepted the requeue
 
 
 def device_name(device: torch.device) -> str:
@@ -43,8 +47,10 @@ class Trainer:
         plan: Plan,
         flops: MAEFlops,
         run_dir: Path,
+        checkpoints: CheckpointManager | None = None,
     ) -> None:
         self.recipe, self.env, self.engine, self.loader = recipe, env, engine, loader
+        self.checkpoints = checkpoints
         self.plan, self.flops, self.run_dir = plan, flops, run_dir
         t = recipe.train
         self.global_batch = t.micro_batch * t.grad_accum * env.dp_size
@@ -73,7 +79,10 @@ class Trainer:
             with_cls=slab == 0,
         )
 
-    def train_step(self, batches: Iterator[torch.Tensor], step: int, stop: StopRequest) -> tuple[dict[str, Any], bool]:
+    def train_step(
+        self, batches: Iterator[torch.Tensor], step: int, stop: StopRequest
+    ) -> tuple[dict[str, Any], int | None]:
+        """One optimizer step; returns its record and the stop signal every rank agreed on (None: go on)."""
         t0 = time.perf_counter()
         wait = 0.0
         accum = self.recipe.train.grad_accum
@@ -89,12 +98,21 @@ class Trainer:
             loss += self.engine.forward_backward(mb, loss_scale=self.loss_scale, sync=a == accum - 1)
         lr = lr_at(step, self.recipe.optim, self.recipe.train.steps)
         grad_norm = self.engine.step(lr)
-        # One collective per step: the global loss, and whether any rank was asked to stop.
-        stop_vote = torch.tensor(float(stop.signum is not None), dtype=torch.float64, device=loss.device)
-        stats = torch.stack([loss, stop_vote])
+        # One collective per step: every rank's loss, stop signal (as a priority) and step time so far.
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize(self.env.device)  # this rank's own time, not the kernel launches'
+        mine = torch.tensor([0.0, priority(stop.signum), time.perf_counter() - t0], dtype=torch.float64)
+        mine = mine.to(loss.device)
+        mine[0] = loss
         if self.env.distributed:
-            dist.all_reduce(stats)
-        global_loss, stop_votes = stats.tolist()
+            rows = [torch.empty_like(mine) for _ in range(self.env.world_size)]
+            dist.all_gather(rows, mine)
+        else:
+            rows = [mine]
+        per_rank = torch.stack(rows).tolist()
+        global_loss = sum(r[0] for r in per_rank)
+        stop_code = int(max(r[1] for r in per_rank))
+        times = [r[2] for r in per_rank]
         dt = time.perf_counter() - t0
         sps = self.global_batch / dt
         record: dict[str, Any] = {
@@ -103,6 +121,8 @@ class Trainer:
             "lr": lr,
             "grad_norm": float(grad_norm),
             "step_time_s": dt,
+            "step_time_max_s": max(times),
+            "straggler_ratio": max(times) / statistics.median(times),
             "data_wait_s": wait,
             "samples_per_s": sps,
             "tokens_per_s": sps * self.plan.n_tokens,
@@ -114,7 +134,7 @@ class Trainer:
             record["mfu"] = record["tflops_per_gpu"] * 1e12 / self.peak
         if self.env.device.type == "cuda":
             record["max_mem_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
-        return record, stop_votes > 0
+        return record, BY_PRIORITY.get(stop_code)
 
     def _print(self, r: dict[str, Any]) -> None:
         extra = f" mfu {r['mfu']:.1%}" if "mfu" in r else ""
@@ -130,9 +150,17 @@ class Trainer:
         is when the process started, for the summary's wall time."""
         env, t_start = self.env, time.perf_counter() if started is None else started
         steps = self.recipe.train.steps
+        if env.is_main and start_step > 0:
+            drop_steps_after(self.run_dir, start_step)  # steps past the checkpoint are done again
         log = MetricsLog(self.run_dir if env.is_main else None, skip=excluded_warmup_steps(steps - start_step))
         stopped: int | None = None
+        requeued = False
         status = "failed"
+        # What "auto" (or a pinned backend) really runs here: kernels differ by up to 1.5x on Hopper.
+        attention = self.engine.module.attention_kernel(env.device)
+        if env.is_main:
+            print(f"attention kernel: {attention} (model.attention={self.recipe.model.attention})", flush=True)
+        ckpt = self.checkpoints
         try:
             with StopRequest() as stop:
                 batches = iter(self.loader)
@@ -140,18 +168,26 @@ class Trainer:
                 for step in range(start_step, steps):
                     record, stop_now = self.train_step(batches, step, stop)
                     log.log(record)
-                    last = stop_now or step == steps - 1
+                    last = stop_now is not None or step == steps - 1
                     if env.is_main and (record["step"] % self.recipe.logging.interval == 0 or last):
                         self._print(record)
-                    if stop_now:
-                        # A rank without a signal of its own stops too; it reports SIGTERM.
-                        stopped = stop.signum or int(signal.SIGTERM)
+                    if stop_now is not None:
+                        stopped = stop_now  # agreed by all ranks: a rank without a signal of its own stops too
                         break
+                    if ckpt is not None and not last and ckpt.due(step + 1):
+                        ckpt.save(step + 1, self.engine, self.loader)
+                # At the end and on a stop signal (inside the handler's scope: a second signal only waits).
+                done = start_step + log.steps
+                if ckpt is not None and done != ckpt.last_step:
+                    ckpt.save(done, self.engine, self.loader)
+                if stopped == signal.SIGUSR1:
+                    requeued = self._requeue()
             status = "completed" if stopped is None else "stopped"
         finally:
             summary = log.summary(
                 status=status,
                 signal=stopped,
+                requeued=requeued,
                 steps_planned=steps,
                 start_step=start_step,
                 world_size=env.world_size,
@@ -161,10 +197,22 @@ class Trainer:
                 train_flops_per_sample=self.flops.train,
                 strategy=self.recipe.parallelism.strategy,
                 precision=self.recipe.train.precision,
+                attention=attention,
+                activation_checkpointing=self.recipe.parallelism.activation_checkpointing,
                 device=device_name(env.device),
                 wall_time_s=time.perf_counter() - t_start,
             )
             log.close()
             if env.is_main:
                 write_summary(self.run_dir, summary)
-        return RunResult(steps=log.steps, signal=stopped, summary=summary)
+        return RunResult(steps=log.steps, signal=stopped, summary=summary, requeued=requeued)
+
+    def _requeue(self) -> bool:
+        """Rank 0 asks Slurm to requeue the job (after the checkpoint); every rank learns the answer before any
+        exits, so no early exit can end the job (srun --kill-on-bad-exit) before the requeue is in."""
+        ok = requeue(rank=self.env.rank) if self.env.is_main else False
+        if self.env.distributed:
+            flag = torch.tensor([float(ok)], dtype=torch.float64, device=self.env.device)
+            dist.broadcast(flag, src=0)
+            ok = bool(flag.item())
+        return ok

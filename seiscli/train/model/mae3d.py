@@ -12,6 +12,12 @@ Differences from MAE, on purpose:
 - the forward returns the SUM of per-patch losses over the masked patches it holds; the caller divides by
   the global masked count of the optimizer step (research notes section 7.5), so any split of the work
   over ranks gives the same loss and gradients.
+
+Activation checkpointing: "full" recomputes each block in the backward; "save_attention" (selective, as
+torchtitan's op-level SAC) keeps the attention kernels' outputs and recomputes only norms, linears and
+GELU, under a tenth of this model's FLOPs at 102,400 tokens. Measured on one H200 (BENCHMARKS.md): peak
+memory 49.2 GiB without, 17.4 GiB with save_attention at 2.5 % more step time, 15.4 GiB with full at 28 %.
+With ring attention (cp > 1) save_attention falls back to full: the ring is no single op to keep.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.checkpoint import checkpoint
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from seiscli.recipe import RecipeError
 from seiscli.train.model.pos_embed import sincos_3d
@@ -36,8 +43,23 @@ _BACKENDS = {
     "efficient": [SDPBackend.EFFICIENT_ATTENTION],
     "math": [SDPBackend.MATH],
 }
-# On CUDA, "auto" prefers cuDNN: about 1.5x flash attention at head dim 64 on H100 (shared/notes/facts.md).
-_AUTO_CUDA = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# On Hopper, "auto" prefers cuDNN: the pretrain model's step is 1.44x faster than with flash on H200 at head dim 64
+# (BENCHMARKS.md). Elsewhere flash comes first: cuDNN's attention was not measured there.
+_AUTO_HOPPER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_AUTO_OTHER = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# The fused SDPA kernels, by backend name. Selective checkpointing keeps their outputs (the math backend,
+# a composite of plain ops, is recomputed).
+_KERNELS = {
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default: "cudnn",
+    torch.ops.aten._scaled_dot_product_flash_attention.default: "flash",
+    torch.ops.aten._scaled_dot_product_efficient_attention.default: "efficient",
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default: "flash",
+}
+CHECKPOINTING = ("none", "full", "save_attention")
+
+
+def _auto_cuda() -> list[SDPBackend]:
+    return _AUTO_HOPPER if torch.cuda.get_device_capability()[0] >= 9 else _AUTO_OTHER
 
 
 def sdpa_context(attention: str, device_type: str) -> Callable[[], contextlib.AbstractContextManager[None]]:
@@ -45,12 +67,43 @@ def sdpa_context(attention: str, device_type: str) -> Callable[[], contextlib.Ab
     if attention == "auto":
         if device_type != "cuda":
             return contextlib.nullcontext
-        return lambda: sdpa_kernel(_AUTO_CUDA, set_priority=True)
+        order = _auto_cuda()
+        return lambda: sdpa_kernel(order, set_priority=True)
     if attention not in _BACKENDS:
         raise RecipeError(f"model.attention={attention!r}; allowed: auto, {', '.join(_BACKENDS)}")
     if device_type != "cuda" and attention in ("cudnn", "efficient"):
         raise RecipeError(f"model.attention={attention!r} needs CUDA; on {device_type} use auto, flash or math")
     return lambda: sdpa_kernel(_BACKENDS[attention])
+
+
+class _SeenKernels(TorchDispatchMode):
+    """Records which fused SDPA kernels the dispatcher runs (below autograd, after SDPA's own choice)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func: object, types: object, args: tuple = (), kwargs: dict | None = None) -> object:
+        if func in _KERNELS:
+            self.seen.append(_KERNELS[func])
+        return func(*args, **(kwargs or {}))  # type: ignore[operator]
+
+
+def resolve_attention(attention: str, device: torch.device, head_dims: tuple[int, ...]) -> str:
+    """The SDPA kernel that `attention` runs on `device` for bf16 heads of these sizes: "cudnn", "flash",
+    "efficient" or "math" ("a+b" when the head sizes get different kernels). Found by running SDPA once on
+    a small input of the model's layout under the same context and watching which aten kernel it picks."""
+    ctx = sdpa_context(attention, device.type)
+    names: list[str] = []
+    for hd in head_dims:
+        qkv = torch.randn(1, 128, 3, 2, hd, device=device, dtype=torch.bfloat16, requires_grad=True)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        with ctx(), _SeenKernels() as mode:
+            F.scaled_dot_product_attention(q, k, v)
+        name = mode.seen[0] if mode.seen else "math"  # the math backend is a composite of plain matmuls
+        if name not in names:
+            names.append(name)
+    return "+".join(names)
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -83,11 +136,17 @@ class Attention(nn.Module):
         b, s, d = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         if self.ring is not None:
-            o = self.ring(q, k, v)
+            o = _eager(self.ring, q, k, v)
         else:
             with self.sdpa():
                 o = F.scaled_dot_product_attention(q, k, v)
         return self.proj(o.transpose(1, 2).reshape(b, s, d))
+
+
+@torch.compiler.disable
+def _eager(ring: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Ring attention stays out of compiled graphs (its point-to-point exchange is not traceable)."""
+    return ring(q, k, v)
 
 
 class Block(nn.Module):
@@ -136,14 +195,20 @@ class MaskedAutoencoder3D(nn.Module):
         norm_pix_loss: bool = True,
         attention: str = "auto",
         device_type: str = "cpu",
-        activation_checkpointing: bool = False,
+        activation_checkpointing: bool | str = False,
     ) -> None:
+        """activation_checkpointing: False/"none", True/"full" or "save_attention" (module docstring)."""
         super().__init__()
         self.grid = tuple(grid)
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
-        self.activation_checkpointing = activation_checkpointing
+        ac = activation_checkpointing
+        ac = ("full" if ac else "none") if isinstance(ac, bool) else ac
+        if ac not in CHECKPOINTING:
+            raise RecipeError(f"activation checkpointing {ac!r}; allowed: {', '.join(CHECKPOINTING)}")
+        self.activation_checkpointing: str = ac
+        self.attention = attention
         sdpa = sdpa_context(attention, device_type)
         patch_dim = in_chans * patch_size**3
 
@@ -188,11 +253,35 @@ class MaskedAutoencoder3D(nn.Module):
             if isinstance(m, Attention):
                 m.ring = ring
 
-    def _blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        ac = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+    def attention_kernel(self, device: torch.device) -> str:
+        """The attention kernel this model's forward runs on `device`, for the trainer's log."""
+        layers = [m for m in self.modules() if isinstance(m, Attention)]
+        if any(m.ring is not None for m in layers):
+            from seiscli.train.parallel.ring_attention import default_block_backend
+
+            return "ring/" + default_block_backend(device, self.attention)
+        head_dims = tuple(dict.fromkeys(m.proj.in_features // m.heads for m in layers))
+        return resolve_attention(self.attention, device, head_dims)
+
+    def _checkpointing(self) -> dict[str, object] | None:
+        """checkpoint() arguments for this forward, or None to keep every activation."""
+        if self.activation_checkpointing == "none" or not (self.training and torch.is_grad_enabled()):
+            return None
+        # A ring's outputs are not single ops that selective checkpointing could keep: recompute it whole.
+        ring = any(m.ring is not None for m in self.modules() if isinstance(m, Attention))
+        if self.activation_checkpointing == "save_attention" and not ring:
+            return {"use_reentrant": False, "context_fn": _save_attention}
+        return {"use_reentrant": False}
+
+    def _blocks(self, blocks: nn.ModuleList, x: torch.Tensor, ac: dict[str, object] | None) -> torch.Tensor:
         for blk in blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if ac else blk(x)
+            x = checkpoint(blk, x, **ac) if ac is not None else blk(x)
         return x
+
+    def _masked_loss(self, h: torch.Tensor, patches: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        pred = self.decoder_pred(self.decoder_norm(h))
+        target = self.loss_target(gather_tokens(patches, masked))
+        return ((pred.to(target.dtype) - target) ** 2).mean(-1).sum()
 
     def loss_target(self, patches: torch.Tensor) -> torch.Tensor:
         t = patches.to(torch.promote_types(patches.dtype, torch.float32))
@@ -224,7 +313,8 @@ class MaskedAutoencoder3D(nn.Module):
             # Context-parallel ranks without the cls token still put it in their graph (with a zero gradient),
             # so every rank's gradient reduction covers the same parameters.
             h = h + 0 * self.cls_token.to(h.dtype)
-        h = self.encoder_norm(self._blocks(self.encoder, h))
+        ac = self._checkpointing()
+        h = self.encoder_norm(self._blocks(self.encoder, h, ac))
         if with_cls:
             h = h[:, 1:]
 
@@ -232,8 +322,12 @@ class MaskedAutoencoder3D(nn.Module):
         n_vis = h.shape[1]
         h = torch.cat([h, self.mask_token.to(h.dtype).expand(b, masked.shape[1], -1)], dim=1)
         h = h + sincos_3d(torch.cat([keep, masked], dim=1) + offset, self.grid, h.shape[-1]).to(h.dtype)
-        h = self._blocks(self.decoder, h)
-        pred = self.decoder_pred(self.decoder_norm(h[:, n_vis:]))
+        h = self._blocks(self.decoder, h, ac)
+        if ac is None:
+            return self._masked_loss(h[:, n_vis:], patches, masked)
+        # Checkpointed, the fp32 targets and differences (4 x 4 KiB per masked token) are not kept.
+        return checkpoint(self._masked_loss, h[:, n_vis:], patches, masked, use_reentrant=False)
 
-        target = self.loss_target(gather_tokens(patches, masked))
-        return ((pred.to(target.dtype) - target) ** 2).mean(-1).sum()
+
+def _save_attention() -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
+    return create_selective_checkpoint_contexts(list(_KERNELS))

@@ -59,6 +59,11 @@ class Engine(ABC):
         """Clip, apply the optimizer at `lr`, zero the gradients; returns the global gradient norm before
         clipping (a 0-d tensor, the same on every rank)."""
 
+    def config_files(self) -> dict[str, dict]:
+        """Files (name -> JSON-able content) the entry point writes into the run directory, e.g. the
+        generated DeepSpeed config, so a run records what its strategy was configured with."""
+        return {}
+
     # Whether `load` accepts a checkpoint saved with another data-parallel world size.
     reshardable: bool = False
 
