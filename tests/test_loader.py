@@ -383,3 +383,21 @@ def test_align_crops_needs_a_crop_that_is_a_multiple_of_the_chunks(volumes: Path
     ):
         build_loader(mdio_recipe([a], align_crops=True), dp_rank=0, dp_size=1, device=CPU)
     build_loader(mdio_recipe([a]), dp_rank=0, dp_size=1, device=CPU)  # fine unaligned
+
+
+# -- context parallelism: each rank reads only its slab ----------------------------------------------------
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_each_cp_rank_reads_its_slab_of_the_same_crop(data_dir: Path, cp: int) -> None:
+    """Slab c of every sample, read on its own (flips and transposes included), equals the c-th 1/cp of the
+    whole crop along z: a cp group sees one sample between its ranks while each reads 1/cp of it."""
+    crop = (32, 16, 16)  # 4 patch planes along z
+    recipe = make_recipe({"crop": list(crop)})
+    whole = take(build_loader(recipe, dp_rank=1, dp_size=2, device=CPU), 4)
+    sz = crop[0] // cp
+    for c in range(cp):
+        slabs = take(build_loader(recipe, dp_rank=1, dp_size=2, device=CPU, cp_rank=c, cp_size=cp), 4)
+        for w, s in zip(whole, slabs, strict=True):
+            assert s.shape == (2, 1, sz, crop[1], crop[2])
+            torch.testing.assert_close(s, w[:, :, c * sz : (c + 1) * sz], rtol=0, atol=0)

@@ -24,7 +24,7 @@ from seiscli.train.parallel.deepspeed_zero import CONFIG_FILE, ds_config
 from seiscli.train.signals import StopRequest
 from seiscli.train.trainer import Trainer
 from tests.distributed import run_distributed
-from tests.test_train_entry import STEPS, _env, _read_metrics, _torchrun, tiny_recipe, train_tiny
+from tests.test_train_entry import STEPS, _env, _read_metrics, _torchrun, assert_same_params, tiny_recipe, train_tiny
 
 STAGES = ("zero1", "zero2", "zero3")
 RESUME_AT = 2  # save after this many steps, then one more step from the checkpoint
@@ -143,17 +143,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.Tensor, l
     return data, metrics, dict(np.load(run_dir / "params.npz"))
 
 
-def _assert_params_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
-    for name, p in want.items():
-        g = got[name]
-        if name.endswith("attn.qkv.bias"):
-            # The key bias has an exactly zero gradient: Adam turns rounding noise there into full-size steps
-            # (see test_ddp_over_two_processes_equals_one_process), so only the query and value parts compare.
-            d = p.shape[0] // 3
-            g, p = np.delete(g, np.s_[d : 2 * d]), np.delete(p, np.s_[d : 2 * d])
-        np.testing.assert_allclose(g, p, rtol=1e-4, atol=1e-5, err_msg=name)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", STAGES)
 def test_zero_over_two_processes_equals_one_process_and_resumes_exactly(
@@ -168,7 +157,7 @@ def test_zero_over_two_processes_equals_one_process_and_resumes_exactly(
         assert g2 == pytest.approx(g1, rel=1e-5)
         assert g1 > 0.05  # the clip was active
     final = dict(np.load(tmp_path / "params.npz"))
-    _assert_params_close(final, params_one)
+    assert_same_params(final, params_one)
     # Resume: the third step from the checkpoint repeats the straight run bit for bit.
     assert got["resumed"] == got["straight"][RESUME_AT:]
     resumed, init = dict(np.load(tmp_path / "resumed.npz")), dict(np.load(tmp_path / "init.npz"))
@@ -213,3 +202,21 @@ def test_zero2_smoke_recipe_under_torchrun_writes_its_config_and_resumes_exactly
     assert [(r["step"], r["loss"], r["grad_norm"]) for r in second] == [
         (r["step"], r["loss"], r["grad_norm"]) for r in first
     ]
+
+
+@pytest.mark.slow
+def test_zero2_bf16_follows_ddp_bf16(tmp_path: Path) -> None:
+    """DeepSpeed's bf16 computes with bf16 copies of fp32 master weights, DDP's autocast with fp32 weights: the
+    two must train alike (at warm-up learning rates of ~1e-7 the bf16 copies cannot move, which is expected)."""
+    torch.set_num_threads(1)
+    data = torch.randn(STEPS, 4, 1, 8, 8, 16, generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for strategy in ("ddp", "zero2"):
+        recipe = zero_recipe(strategy, 2, 1, 2).model_dump(mode="json")
+        recipe["train"]["precision"] = "bf16"
+        (tmp_path / strategy).mkdir()
+        runs[strategy] = run_distributed(train_tiny, 2, recipe, data, str(tmp_path / strategy))
+    for (l_ddp, g_ddp), (l_zero, g_zero) in zip(runs["ddp"], runs["zero2"], strict=True):
+        assert l_zero == pytest.approx(l_ddp, rel=2e-2)
+        assert g_zero == pytest.approx(g_ddp, rel=5e-2)
+    assert runs["zero2"][-1][0] < runs["zero2"][0][0]  # it learns

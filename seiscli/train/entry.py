@@ -49,7 +49,9 @@ def train(recipe: Recipe, run_dir: Path, started: float) -> int:
                 (run_dir / name).write_text(json.dumps(content, indent=2) + "\n")
         from seiscli.train.data import build_loader
 
-        loader = build_loader(recipe, dp_rank=env.dp_rank, dp_size=env.dp_size, device=env.device)
+        loader = build_loader(
+            recipe, dp_rank=env.dp_rank, dp_size=env.dp_size, device=env.device, cp_rank=env.cp_rank, cp_size=env.cp
+        )
         checkpoints = CheckpointManager(recipe, env, run_dir)
         start = checkpoints.resume(engine, loader)  # 0 when there is no checkpoint yet
         trainer = Trainer(recipe, env, engine, loader, plan, recipe_flops(recipe, plan), run_dir, checkpoints)

@@ -70,7 +70,10 @@ class Trainer:
         dev = self.env.device
         patches = patchify(x.to(dev, non_blocking=True), self.recipe.model.patch_size)
         s = self.plan.slab_size
-        patches = patches[:, slab * s : (slab + 1) * s]
+        # The loader reads only this rank's slab (1/cp of the crop along z, tokens [slab*s, (slab+1)*s));
+        # a batch of whole crops (in-memory data) is cut here to the same tokens.
+        if patches.shape[1] != s:
+            patches = patches[:, slab * s : (slab + 1) * s]
         return MicroBatch(
             patches,
             keep.to(dev, non_blocking=True),
