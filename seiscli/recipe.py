@@ -179,6 +179,9 @@ class Parallelism(_Section):
         "none", description="none | full (recompute each block) | save_attention (keep attention outputs)"
     )
     compile: bool = False
+    fsdp_shard_size: int | None = Field(
+        None, ge=1, description="fsdp2: shard over groups of this many consecutive ranks, replicate across groups"
+    )
     reduce_bucket_size: int = Field(50_000_000, ge=1)
     allgather_bucket_size: int = Field(200_000_000, ge=1)
 
@@ -266,6 +269,7 @@ class Recipe(_Section):
                 f"parallelism.cp={cp} with parallelism.strategy={self.parallelism.strategy}: context parallelism "
                 "runs with strategy fsdp2 or ddp; allowed with zero1/zero2/zero3: parallelism.cp=1"
             )
+        self._check_shard_size(cp, world)
         n = self.num_tokens
         if n % cp:
             raise ValueError(f"the crop's {n} tokens do not split over parallelism.cp={cp}")
@@ -281,6 +285,27 @@ class Recipe(_Section):
         ):
             raise ValueError(f"data.synth_shape {self.data.synth_shape} is smaller than data.crop {self.data.crop}")
         return self
+
+    def _check_shard_size(self, cp: int, world: int) -> None:
+        n, strategy = self.parallelism.fsdp_shard_size, self.parallelism.strategy
+        if n is None:
+            return
+        if strategy != "fsdp2":
+            raise ValueError(
+                f"parallelism.fsdp_shard_size={n} with parallelism.strategy={strategy}: hybrid sharding is an "
+                "fsdp2 mesh; allowed: strategy fsdp2, or no fsdp_shard_size"
+            )
+        if world % n:
+            raise ValueError(
+                f"parallelism.fsdp_shard_size={n} does not divide the world size {world}; allowed: a divisor of it"
+            )
+        if n % cp:
+            # The gradient is the SUM over all ranks either way; this keeps a cp group (consecutive ranks) inside
+            # one shard group, so with shard size = GPUs per node its ring and the per-layer collectives share a node.
+            raise ValueError(
+                f"parallelism.fsdp_shard_size={n} is not a multiple of parallelism.cp={cp}; allowed: a multiple "
+                f"of cp that divides the world size {world}"
+            )
 
     @property
     def grid(self) -> tuple[int, int, int]:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from seiscli.recipe import RecipeError, load_recipe, validate
-from seiscli.train.distributed import DistEnv
+from seiscli.train.distributed import DistEnv, cp_groups
 from seiscli.train.flops import recipe_flops
 from seiscli.train.model import batch_masks, build_model, patchify, plan_for
 from seiscli.train.optim import lr_at
@@ -215,14 +215,17 @@ def test_compiled_fsdp2_over_two_processes_equals_eager_one_process(tmp_path: Pa
 
 
 def train_cp(rank: int, world_size: int, recipe_data: dict, data: torch.Tensor, run_dir: str) -> None:
-    """The Trainer with FSDP2 over a cp group of all ranks (dp 1): each rank holds one slab of every sample."""
+    """The Trainer with FSDP2 and cp groups of consecutive ranks: each rank holds one slab of its samples."""
     recipe = validate(recipe_data)
-    env = DistEnv(rank, world_size, 0, "test", torch.device("cpu"), cp=world_size, cp_group=dist.group.WORLD)
+    cp = recipe.parallelism.cp
+    env = DistEnv(rank, world_size, 0, "test", torch.device("cpu"), cp=cp, cp_group=cp_groups(cp, rank))
     model = build_model(recipe, env.device)
     model.set_context_parallel(env.cp_group, recipe.model.attention)
     engine = build_engine(model, recipe, env)
-    mb = recipe.train.micro_batch
-    batches = [data[s, a * mb : (a + 1) * mb] for s in range(STEPS) for a in range(recipe.train.grad_accum)]
+    mb, dp, r = recipe.train.micro_batch, env.dp_size, env.dp_rank
+    batches = [
+        data[s, (a * dp + r) * mb : (a * dp + r + 1) * mb] for s in range(STEPS) for a in range(recipe.train.grad_accum)
+    ]
     plan = plan_for(recipe)
     Trainer(recipe, env, engine, batches, plan, recipe_flops(recipe, plan), Path(run_dir)).run()
     save_full_params(engine.module, Path(run_dir) / "params.npz", rank)
@@ -237,28 +240,34 @@ def test_fsdp2_with_context_parallel_equals_one_process(tmp_path: Path) -> None:
     recipe_data = _fsdp2(tiny_recipe(2, 2, 2).model_dump(mode="json"))
     recipe_data["parallelism"]["cp"] = 2
     run_distributed(train_cp, 2, recipe_data, data, str(tmp_path))
-    got = _metrics(tmp_path)
+    _assert_cp_run_equals_one_process(recipe_data, data, tmp_path)
 
+
+def _assert_cp_run_equals_one_process(recipe_data: dict, data: torch.Tensor, run_dir: Path) -> None:
+    """train_cp's run in run_dir against one process that runs each micro-batch of all dp ranks whole, with
+    the cp plan's masks (slab ids shifted to global positions)."""
+    got = _metrics(run_dir)
     recipe = validate(recipe_data)
     plan = plan_for(recipe)
     env = DistEnv(0, 1, 0, "test", torch.device("cpu"), cp=1)
     ref = DDPEngine(build_model(recipe, env.device), recipe, env)  # one process: the plain module
-    mb, accum, s = recipe.train.micro_batch, recipe.train.grad_accum, plan.slab_size
+    mb, accum = recipe.train.micro_batch * recipe.dp, recipe.train.grad_accum  # the micro-batches of all dp ranks
+    s, cp = plan.slab_size, recipe.parallelism.cp
     want = []
     for step in range(STEPS):
         loss = 0.0
         for a in range(accum):
             ids = list(range(a * mb, (a + 1) * mb))
-            masks = [batch_masks(plan, recipe.train.seed, step, ids, c) for c in range(2)]
+            masks = [batch_masks(plan, recipe.train.seed, step, ids, c) for c in range(cp)]
             keep = torch.cat([k + c * s for c, (k, _) in enumerate(masks)], dim=1)
             masked = torch.cat([m + c * s for c, (_, m) in enumerate(masks)], dim=1)
             batch = MicroBatch(patchify(data[step, a * mb : (a + 1) * mb], recipe.model.patch_size), keep, masked)
-            loss += float(ref.forward_backward(batch, loss_scale=1 / (mb * accum * plan.masked), sync=True))
+            loss += float(ref.forward_backward(batch, loss_scale=1 / (recipe.global_batch * plan.masked), sync=True))
         want.append((loss, float(ref.step(lr_at(step, recipe.optim, STEPS)))))
     for (l1, g1), (l2, g2) in zip(want, got, strict=True):
         assert l2 == pytest.approx(l1, rel=1e-5) and g2 == pytest.approx(g1, rel=1e-5)
     params = {n: p.detach().numpy() for n, p in ref.module.named_parameters()}
-    assert_same_params(dict(np.load(tmp_path / "params.npz")), params)
+    assert_same_params(dict(np.load(run_dir / "params.npz")), params)
 
 
 def test_compile_on_cpu_without_a_cxx_compiler_is_a_recipe_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -299,3 +308,107 @@ def test_fsdp2_skips_the_reduce_scatter_while_accumulating() -> None:
     blocks = recipe["model"]["encoder_depth"] + recipe["model"]["decoder_depth"]
     # One reduce-scatter per FSDP unit (each block and the root) on the last micro-batch, none before.
     assert run_distributed(count_reduce_scatters, 2, recipe, _data()) == [0, blocks + 1]
+
+
+# Hybrid sharding (parallelism.fsdp_shard_size): shard within groups, replicate across them.
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needles"),
+    [
+        ({"parallelism.strategy": "ddp"}, ["parallelism.fsdp_shard_size=2", "strategy=ddp", "allowed: strategy fsdp2"]),
+        ({"cluster.cpu_procs_per_node": 6, "parallelism.fsdp_shard_size": 4}, ["fsdp_shard_size=4", "world size 6"]),
+        ({"cluster.cpu_procs_per_node": 8, "parallelism.cp": 4}, ["fsdp_shard_size=2", "multiple of parallelism.cp=4"]),
+        ({"parallelism.fsdp_shard_size": 0}, ["parallelism.fsdp_shard_size", "greater than or equal to 1"]),
+    ],
+)
+def test_bad_fsdp_shard_size_names_the_field(overrides: dict[str, Any], needles: list[str]) -> None:
+    base = {"parallelism.strategy": "fsdp2", "cluster.cpu_procs_per_node": 4, "parallelism.fsdp_shard_size": 2}
+    with pytest.raises(RecipeError) as exc:
+        load_recipe("smoke", {**base, **overrides})
+    msg = str(exc.value)
+    assert "\n" not in msg
+    for needle in needles:
+        assert needle in msg
+
+
+def test_fsdp_shard_size_that_fits_validates() -> None:
+    overrides = {"parallelism.strategy": "fsdp2", "cluster.cpu_procs_per_node": 8, "parallelism.cp": 2}
+    assert load_recipe("smoke", {**overrides, "parallelism.fsdp_shard_size": 4}).parallelism.fsdp_shard_size == 4
+    assert load_recipe("smoke", overrides).parallelism.fsdp_shard_size is None  # today's mesh over all ranks
+
+
+def _hsdp(world_size: int, shard_size: int | None, micro_batch: int, grad_accum: int) -> dict[str, Any]:
+    recipe = _fsdp2(tiny_recipe(world_size, micro_batch, grad_accum).model_dump(mode="json"))
+    recipe["parallelism"]["fsdp_shard_size"] = shard_size
+    return recipe
+
+
+def mesh_of(rank: int, world_size: int, recipe_data: dict) -> tuple[tuple[str, ...], tuple[int, ...], list[int]]:
+    """The mesh a sharded parameter lives on: dimension names, shape, and rank 0's shard group."""
+    recipe = validate(recipe_data)
+    env = DistEnv(rank, world_size, 0, "test", torch.device("cpu"), cp=1)
+    p = next(build_engine(build_model(recipe, env.device), recipe, env).module.parameters())
+    assert isinstance(p, DTensor)
+    mesh = p.device_mesh
+    return mesh.mesh_dim_names or (), tuple(mesh.shape), dist.get_process_group_ranks(mesh.get_group("shard"))
+
+
+@pytest.mark.slow
+def test_fsdp2_hybrid_mesh_shards_within_consecutive_ranks() -> None:
+    assert run_distributed(mesh_of, 4, _hsdp(4, 2, 1, 1)) == (("replicate", "shard"), (2, 2), [0, 1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("world_size", "shard_size"), [(4, 2), (2, 1)])
+def test_fsdp2_hybrid_sharding_equals_one_process(world_size: int, shard_size: int, tmp_path: Path) -> None:
+    """HSDP 2x2: the reduce-scatter within a pair and the all-reduce across pairs must together give the SUM
+    over all 4 ranks; the clip needs the global norm. Shard size 1 is pure replication (no reduce-scatter)."""
+    torch.set_num_threads(1)
+    data = torch.randn(STEPS, 8, 1, 8, 8, 16, generator=torch.Generator().manual_seed(0))
+    (tmp_path / "one").mkdir()
+    (tmp_path / "many").mkdir()
+    one = train_tiny(0, 1, tiny_recipe(1, 4, 2).model_dump(mode="json"), data, str(tmp_path / "one"))
+    recipe = _hsdp(world_size, shard_size, 4 // world_size, 2)
+    many = run_distributed(train_resumable, world_size, recipe, data, str(tmp_path / "many"), 0, "")
+    assert len(one) == len(many) == STEPS
+    for (l1, g1), (l2, g2) in zip(one, many, strict=True):
+        assert l2 == pytest.approx(l1, rel=1e-5)
+        assert g2 == pytest.approx(g1, rel=1e-5)
+        assert g1 > 0.05  # the clip was active
+    assert_same_params(dict(np.load(tmp_path / "many" / "params.npz")), dict(np.load(tmp_path / "one" / "params.npz")))
+
+
+HYBRID_2X2, FULL_2 = (4, 2, 1, 1), (2, None, 1, 2)  # (world, shard size, micro batch, accumulation)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("saved_on", "loaded_on"), [(HYBRID_2X2, FULL_2), (FULL_2, HYBRID_2X2)])
+def test_fsdp2_hybrid_checkpoint_reshards(saved_on: tuple, loaded_on: tuple, tmp_path: Path) -> None:
+    """HSDP 2x2 on 4 ranks <-> FSDP over 2 ranks: DCP stores global tensors whatever the mesh."""
+    torch.set_num_threads(1)
+    data, ckpt = _data(), tmp_path / "ckpt"
+    ckpt.mkdir()
+    for d in ("saved", "loaded"):
+        (tmp_path / d).mkdir()
+    run_distributed(train_resumable, saved_on[0], _hsdp(*saved_on), data, str(tmp_path / "saved"), 0, str(ckpt))
+    assert (ckpt / ".metadata").is_file()
+    # Resume at the second step (as in the world-size test above: its update shows Adam's state came back).
+    run_distributed(train_resumable, loaded_on[0], _hsdp(*loaded_on), data, str(tmp_path / "loaded"), 1, str(ckpt))
+    saved, loaded = _metrics(tmp_path / "saved"), _metrics(tmp_path / "loaded")
+    assert len(saved) == STEPS and len(loaded) == STEPS - 1
+    for (l1, g1), (l2, g2) in zip(loaded, saved[1:], strict=True):
+        assert l1 == pytest.approx(l2, rel=1e-5) and g1 == pytest.approx(g2, rel=1e-5)
+    params = {d: dict(np.load(tmp_path / d / "params.npz")) for d in ("saved", "loaded")}
+    assert_same_params(params["loaded"], params["saved"])
+
+
+@pytest.mark.slow
+def test_fsdp2_hybrid_with_context_parallel_equals_one_process(tmp_path: Path) -> None:
+    """The long-context layout in small: cp 2, shard size 2 (a shard group is a cp group), dp 2 replicas."""
+    torch.set_num_threads(1)
+    data = _data()
+    recipe_data = _hsdp(4, 2, 1, 2)
+    recipe_data["parallelism"]["cp"] = 2
+    run_distributed(train_cp, 4, recipe_data, data, str(tmp_path))
+    _assert_cp_run_equals_one_process(recipe_data, data, tmp_path)

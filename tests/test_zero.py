@@ -1,5 +1,6 @@
 """ZeRO-1/2/3 through real DeepSpeed on CPU (gloo): the generated config, equivalence with one process,
-bit-identical resume from a checkpoint, the world-size check on load, and a real `torchrun` run."""
+bit-identical resume from a checkpoint, resume on another data-parallel world size (universal checkpoint),
+and a real `torchrun` run."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from seiscli.checkpoint_layout import read_manifest, step_name
 from seiscli.recipe import Recipe, RecipeError, load_recipe, validate
+from seiscli.train.checkpoint import CheckpointManager
 from seiscli.train.distributed import DistEnv
 from seiscli.train.errors import CheckpointError
 from seiscli.train.flops import recipe_flops
 from seiscli.train.model import build_model, plan_for
 from seiscli.train.parallel import build_engine
-from seiscli.train.parallel.deepspeed_zero import CONFIG_FILE, ds_config
+from seiscli.train.parallel.deepspeed_zero import CONFIG_FILE, TAG, ds_config
 from seiscli.train.signals import StopRequest
 from seiscli.train.trainer import Trainer
 from tests.distributed import run_distributed
@@ -165,10 +168,146 @@ def test_zero_over_two_processes_equals_one_process_and_resumes_exactly(
         np.testing.assert_array_equal(resumed[name], p, err_msg=name)
     assert any(not np.array_equal(init[n], p) for n, p in final.items())  # the load did change the model
     if strategy == "zero2":
-        # The same checkpoint on one data-parallel rank is refused, naming both sizes.
+        # On one data-parallel rank the checkpoint goes through a universal conversion (tested below); one that
+        # cannot be converted (a shard cut short) is a CheckpointError naming the checkpoint and DeepSpeed's error.
+        shard = tmp_path / "ckpt" / "zero" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        shard.write_bytes(shard.read_bytes()[:100])
         msg = run_distributed(load_worker, 1, zero_recipe(strategy, 1, 2, 2).model_dump(mode="json"),
                               str(tmp_path / "ckpt"))  # fmt: skip
-        assert "world size 2" in msg and "has 1" in msg and "not reshardable" in msg
+        assert f"cannot convert checkpoint {tmp_path / 'ckpt'} to DeepSpeed's universal format: " in msg, msg
+        assert not (tmp_path / "ckpt-universal").exists()  # no half-converted directory is left to be trusted
+
+
+# -- another data-parallel world size: DeepSpeed's universal checkpoint ----------------------------------------
+
+
+def _recipe_for(strategy: str, world: int, precision: str = "fp32") -> dict:
+    """The same global batch of 4 on any world size: 2 ranks x 1 sample x 2 micro-batches, or 1 rank x 2 x 2."""
+    data = zero_recipe(strategy, world, 4 // (2 * world), 2).model_dump(mode="json")
+    data["train"]["precision"] = precision
+    data["train"]["steps"] = 10  # a learning rate well above 0 at the step after the resume
+    return data
+
+
+def _optimizer_state(engine: Any) -> dict[str, np.ndarray]:
+    """Whole fp32 master weights and Adam moments by parameter name, gathered from the shards (collective)."""
+    from deepspeed.utils import (
+        lazy_init_hp_params_optimizer_state,
+        safe_get_full_fp32_param,
+        safe_get_full_optimizer_state,
+    )
+
+    zero = engine.optimizer
+    if hasattr(zero, "single_partition_of_fp32_groups"):
+        # ZeRO-1/2 link each parameter to its Adam moments after the first step, but from inside the step of
+        # one param group with optimizer.param_groups narrowed to it (stage_1_and_2.py _optimizer_step ->
+        # _lazy_init_hp_params_optimizer_state): our second group (no weight decay) stays unlinked. Link all.
+        for lp, hp in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups, strict=True):
+            lazy_init_hp_params_optimizer_state(lp, hp, zero.optimizer.state)
+    state = {}
+    for name, p in engine.module.named_parameters():
+        state[f"{name}/fp32"] = safe_get_full_fp32_param(p).detach().clone().numpy()
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[f"{name}/{key}"] = safe_get_full_optimizer_state(p, key).detach().clone().numpy()
+    return state
+
+
+def reshard_worker(rank: int, world: int, recipe_data: dict, data: torch.Tensor, out: str, ckpt: str) -> None:
+    """No checkpoint at `ckpt` yet: RESUME_AT steps, save there, one more step. Else: load it, take that step.
+    Rank 0 writes into `out` the optimizer state after the save or load, the fp32 master weights (under bf16
+    the module holds bf16 copies) after the step, and the step's loss, gradient norm and learning rate."""
+    recipe, env, out_dir = validate(recipe_data), DistEnv(rank, world, 0, "test", torch.device("cpu"), cp=1), Path(out)
+    source = Path(ckpt)
+    trainer = _trainer(recipe, env, [], out_dir / "run")
+    first = 0 if not source.exists() else RESUME_AT
+    batches = iter(_batches(data, recipe, rank, world, range(first, RESUME_AT + 1)))
+    with StopRequest() as stop:
+        for step in range(first, RESUME_AT):
+            trainer.train_step(batches, step, stop)
+        if first == 0:
+            if rank == 0:
+                source.mkdir()
+            dist.barrier()
+            trainer.engine.save(source)
+            dist.barrier()
+        else:
+            trainer.engine.load(source)
+        state = _optimizer_state(trainer.engine.ds)
+        record, _ = trainer.train_step(batches, RESUME_AT, stop)
+    params = {n.removesuffix("/fp32"): v for n, v in _optimizer_state(trainer.engine.ds).items() if n.endswith("/fp32")}
+    if rank == 0:
+        np.savez(out_dir / "state.npz", **state)
+        np.savez(out_dir / "params.npz", **params)
+        (out_dir / "step.json").write_text(json.dumps([record["loss"], record["grad_norm"], record["lr"]]))
+
+
+RESHARDS = [(s, 2, 1, "fp32") for s in STAGES] + [(s, 1, 2, "fp32") for s in STAGES]
+RESHARDS += [(s, 2, 1, "bf16") for s in STAGES]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("strategy", "saved", "resumed", "precision"), RESHARDS)
+def test_zero_resumes_on_another_data_parallel_world_size(
+    strategy: str, saved: int, resumed: int, precision: str, tmp_path: Path
+) -> None:
+    """The checkpoint of `saved` ranks goes through DeepSpeed's universal format onto `resumed` ranks: the
+    same fp32 master weights and Adam moments, and the next step (same global batch) as the run that went on."""
+    torch.set_num_threads(1)
+    data = torch.randn(RESUME_AT + 1, 4, 1, 8, 8, 16, generator=torch.Generator().manual_seed(1))
+    ckpt = tmp_path / "engine"
+    for world, out in ((saved, "before"), (resumed, "after")):
+        (tmp_path / out).mkdir()
+        recipe = _recipe_for(strategy, world, precision)
+        run_distributed(reshard_worker, world, recipe, data, str(tmp_path / out), str(ckpt))
+    assert (tmp_path / "engine-universal" / "zero").is_dir()  # converted beside the engine directory
+    before, after = dict(np.load(tmp_path / "before" / "state.npz")), dict(np.load(tmp_path / "after" / "state.npz"))
+    assert before.keys() == after.keys()
+    for name, value in before.items():  # the same numbers, only redistributed over the ranks
+        np.testing.assert_array_equal(after[name], value, err_msg=name)
+    assert any(np.abs(v).max() > 0 for n, v in before.items() if n.endswith("exp_avg_sq"))  # moments were saved
+    (loss, norm, lr), (loss_after, norm_after, lr_after) = (
+        json.loads((tmp_path / run / "step.json").read_text()) for run in ("before", "after")
+    )
+    assert lr_after == lr > 1e-3
+    if precision == "bf16":
+        # bf16 gradients summed over another number of ranks round differently, and Adam turns that noise into
+        # steps of up to lr per element: only the step's loss and gradient norm compare.
+        assert loss_after == pytest.approx(loss, rel=2e-3) and norm_after == pytest.approx(norm, rel=2e-3)
+        return
+    assert loss_after == pytest.approx(loss, rel=1e-6) and norm_after == pytest.approx(norm, rel=1e-5)
+    went_on = dict(np.load(tmp_path / "before" / "params.npz"))
+    assert_same_params(dict(np.load(tmp_path / "after" / "params.npz")), went_on)
+    assert any(not np.array_equal(went_on[n[: -len("/fp32")]], v) for n, v in before.items() if n.endswith("/fp32"))
+
+
+def manager_worker(rank: int, world: int, recipe_data: dict, data: torch.Tensor, run_dir: str) -> int:
+    """Resume (if a checkpoint is there) and train to recipe.train.steps with the checkpoint manager."""
+    recipe, env = validate(recipe_data), DistEnv(rank, world, 0, "test", torch.device("cpu"), cp=1)
+    engine = build_engine(build_model(recipe, env.device), recipe, env)
+    manager = CheckpointManager(recipe, env, Path(run_dir))
+    start = manager.resume(engine, [])
+    loader = _batches(data, recipe, rank, world, range(start, recipe.train.steps))
+    plan = plan_for(recipe)
+    Trainer(recipe, env, engine, loader, plan, recipe_flops(recipe, plan), Path(run_dir), manager).run(start)
+    return start
+
+
+@pytest.mark.slow
+def test_checkpoint_manager_resumes_a_zero3_checkpoint_on_fewer_ranks(tmp_path: Path) -> None:
+    """The checkpoint manager accepts another world size for ZeRO (reshardable) and the engine converts inside
+    the checkpoint directory, which stays a valid checkpoint (the manifest lists only what the save wrote)."""
+    torch.set_num_threads(1)
+    data = torch.randn(RESUME_AT + 1, 4, 1, 8, 8, 16, generator=torch.Generator().manual_seed(2))
+    two, one = _recipe_for("zero3", 2), _recipe_for("zero3", 1)
+    two["train"]["steps"], one["train"]["steps"] = RESUME_AT, RESUME_AT + 1
+    assert run_distributed(manager_worker, 2, two, data, str(tmp_path)) == 0
+    assert run_distributed(manager_worker, 1, one, data, str(tmp_path)) == RESUME_AT
+    root = tmp_path / "checkpoints"
+    saved = read_manifest(root / step_name(RESUME_AT))
+    assert saved["world_size"] == 2 and saved["reshardable"] is True
+    assert (root / step_name(RESUME_AT) / "engine-universal" / TAG).is_dir()
+    assert read_manifest(root / step_name(RESUME_AT + 1))["world_size"] == 1
+    assert [r["step"] for r in _read_metrics(tmp_path)] == list(range(1, RESUME_AT + 2))
 
 
 # -- the real entry point ----------------------------------------------------------------------------------

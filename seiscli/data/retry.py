@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -84,6 +85,11 @@ def is_throttle(exc: BaseException) -> bool:
     return any(s in text for s in ("SlowDown", "503", "reduce your request rate", "Throttl", "TooManyRequests"))
 
 
+# A refusal that retrying cannot cure. The status code is matched with its context: a bare "403" also occurs in
+# the timings obstore puts in its messages ("GET ... in 987.403µs - ... 503 Service Unavailable").
+_PERMANENT = re.compile(r"status code: 403|\(403\)|\bForbidden\b|AccessDenied|NoSuchBucket")
+
+
 def is_transient(exc: BaseException) -> bool:
     """Worth another try: throttling, server errors, timeouts, dropped connections. Not: missing objects,
     denied access, bad paths or programming errors."""
@@ -96,7 +102,7 @@ def is_transient(exc: BaseException) -> bool:
         return True
     module = type(exc).__module__ or ""
     if isinstance(exc, OSError) or module.startswith(("obstore", "aiohttp", "botocore", "aiobotocore", "s3fs")):
-        return not any(s in str(exc) for s in ("403", "AccessDenied", "Forbidden", "NoSuchBucket"))
+        return not _PERMANENT.search(str(exc))
     return False
 
 

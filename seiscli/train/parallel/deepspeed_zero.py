@@ -6,14 +6,23 @@ Gradient scaling (see engine.py): DeepSpeed's reduction averages gradients over 
 `engine.backward` divides the loss by gradient_accumulation_steps unless scale_wrt_gas=False. We pass
 scale_wrt_gas=False and multiply the loss by the dp size, so the optimizer sees the sum over ranks of the
 local gradients. The trainer decides the accumulation boundary (`sync`), DeepSpeed does not count micro-steps.
+
+Checkpoints are DeepSpeed's per-rank shards. The same dp size loads them as saved (a bit-identical resume);
+another dp size (a run that lost or gained nodes) loads them through DeepSpeed's universal checkpoint: rank 0
+runs `ds_to_universal` once into `engine-universal/` beside the checkpoint's `engine/`, and every rank takes its
+new partition of the same fp32 master weights and Adam moments from there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -73,7 +82,9 @@ def _join_process_group(env: DistEnv) -> None:
 
 class DeepSpeedZeroEngine(Engine):
     name = "zero"
-    reshardable = False  # ZeRO shards are tied to the dp world size (universal conversion is not wired)
+    # Stages 1, 2 and 3 (fp32 and bf16): a checkpoint of another dp size is converted to DeepSpeed's universal
+    # layout and loaded from there (`_load_universal`).
+    reshardable = True
 
     def __init__(self, model: MaskedAutoencoder3D, recipe: Recipe, env: DistEnv) -> None:
         super().__init__(model, recipe, env)
@@ -129,12 +140,77 @@ class DeepSpeedZeroEngine(Engine):
                 f"checkpoint {path} was saved with strategy {meta['strategy']!r}, this run uses {strategy!r}; "
                 f"resume with strategy {meta['strategy']!r}"
             )
-        if meta["dp_world_size"] != self.env.dp_size:
-            raise CheckpointError(
-                f"checkpoint {path} was saved with data-parallel world size {meta['dp_world_size']}, this run has "
-                f"{self.env.dp_size}; {strategy} checkpoints are not reshardable: resume with "
-                f"{meta['dp_world_size']} data-parallel ranks"
-            )
-        loaded, _ = self.ds.load_checkpoint(str(path), tag=TAG, load_lr_scheduler_states=False)
+        if meta["dp_world_size"] == self.env.dp_size:  # the shards as saved: a bit-identical resume
+            loaded, _ = self.ds.load_checkpoint(str(path), tag=TAG, load_lr_scheduler_states=False)
+        else:
+            loaded = self._load_universal(path, meta["dp_world_size"])
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint in {path}")
+
+    def _load_universal(self, path: Path, saved_dp: int) -> str | None:
+        """Load a checkpoint of another dp size: converted once (rank 0) into DeepSpeed's universal layout,
+        one file per parameter and state (fp32 master weights, Adam moments) with the dp padding removed,
+        which every rank then slices for the new dp size."""
+        universal = path.with_name(f"{path.name}-universal")
+        failure = None
+        if self.env.is_main and not universal.is_dir():
+            failure = _convert_to_universal(path / TAG, universal)
+        if dist.get_world_size() > 1:  # nobody reads before the converted directory is complete
+            box = [failure]
+            dist.broadcast_object_list(box, src=0)
+            failure = box[0]
+        if failure:
+            raise CheckpointError(f"cannot convert checkpoint {path} to DeepSpeed's universal format: {failure}")
+        # The config's checkpoint.load_universal, read only inside load_checkpoint (engine.py
+        # load_universal_checkpoint()), switched on for this load alone: a same-size resume stays the plain load.
+        config = self.ds._config
+        adam = self.ds.optimizer.optimizer  # the torch AdamW inside DeepSpeed's ZeRO optimizer
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in adam.param_groups]
+        config.load_universal_checkpoint = True
+        try:
+            loaded, _ = self.ds.load_checkpoint(str(universal), tag=TAG, load_lr_scheduler_states=False)
+        finally:
+            config.load_universal_checkpoint = False
+        if STAGES[self.recipe.parallelism.strategy] == 3:
+            # DeepSpeed 0.19.8's stage-3 universal load (stage3.py load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+            # gives every param group the hyperparameters of group 0 (line 3687: weight decay on our no-decay
+            # group) and all of them one shared `step` tensor (line 3681), which AdamW then increments once per
+            # group each step (wrong bias correction). Put back our groups' settings and one step per state.
+            for group, settings in zip(adam.param_groups, hyper, strict=True):
+                group.update(settings)
+            for state in adam.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
+        if self.env.is_main:
+            print(
+                f"resharded {path} from {saved_dp} to {self.env.dp_size} data-parallel ranks via {universal}",
+                flush=True,
+            )
+        return loaded
+
+
+def _convert_to_universal(source: Path, dest: Path) -> str | None:
+    """deepspeed.checkpoint.ds_to_universal into `dest` (written as `dest`.tmp, then renamed: a directory
+    that exists is complete); returns why it failed, None on success."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = dest.with_name(f"{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = SimpleNamespace(
+        input_folder=str(source),
+        output_folder=str(tmp / TAG),  # it also writes `latest_universal` beside this, inside tmp
+        num_extract_workers=1,  # in-process: no process pool inside a training rank
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # our model sets no UNIVERSAL_CHECKPOINT_INFO (only tensor parallelism needs it)
+    )
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # its progress prints and bars
+            ds_to_universal(args)
+    except Exception as e:  # every rank must hear of it, not just rank 0 (the others wait in a broadcast)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    os.rename(tmp, dest)
+    return None

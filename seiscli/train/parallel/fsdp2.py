@@ -5,10 +5,18 @@ Mesh: all ranks, i.e. data parallel x context parallel flattened (torchtitan's `
 what DDPEngine does with the default group). Ranks of a cp group hold the same parameters, and their
 gradients must be summed like those of dp ranks, so one reduce-scatter over the world covers both.
 
+Hybrid sharding (`parallelism.fsdp_shard_size` N < world): a 2-D mesh (replicate, shard) = (world/N, N) of
+consecutive ranks, torch's HSDP. Parameters are sharded within a group of N (one node: the per-layer
+all-gathers and reduce-scatters stay on NVLink) and replicated across groups; after its reduce-scatter each
+unit all-reduces its gradient shard over the replicate dimension, the one collective that crosses nodes.
+
 Gradient reduction: FSDP2 divides by the group size by default; with divide factor 1 it would use
 PREMUL_SUM(1.0), which gloo lacks, so the engine also forces plain SUM collectives. That gives exactly the
 SUM over ranks that the loss convention needs (engine.py) on NCCL and on gloo, and sidesteps gloo's
-reduce-scatter that sums where FSDP asks for AVG (pytorch/pytorch#162338).
+reduce-scatter that sums where FSDP asks for AVG (pytorch/pytorch#162338). Under HSDP the two settings
+cover both collectives: torch 2.13's `_get_gradient_divide_factors` then returns SUM for the
+reduce-scatter and for the replicate all-reduce and a post-divide of 1 (without force-sum the all-reduce
+is a SUM too, but the reduce-scatter a PREMUL_SUM).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -31,9 +39,17 @@ from seiscli.train.optim import build_optimizer, set_lr
 from seiscli.train.parallel.engine import Engine, MicroBatch, autocast
 
 
-def shard(model: MaskedAutoencoder3D, env: DistEnv, bf16: bool) -> None:
+def device_mesh(env: DistEnv, shard_size: int | None) -> DeviceMesh:
+    """All ranks, or (replicate, shard) with groups of `shard_size` consecutive ranks (rank-major layout)."""
+    if shard_size is None or shard_size >= env.world_size:
+        return init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("dp_cp",))
+    shape = (env.world_size // shard_size, shard_size)
+    return init_device_mesh(env.device.type, shape, mesh_dim_names=("replicate", "shard"))
+
+
+def shard(model: MaskedAutoencoder3D, env: DistEnv, bf16: bool, shard_size: int | None = None) -> None:
     """fully_shard each encoder and decoder block, then the root (which takes the remaining parameters)."""
-    mesh = init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("dp_cp",))
+    mesh = device_mesh(env, shard_size)
     # fp32: the default policy casts nothing. bf16: torchtitan's policy (bf16 compute, fp32 reduction and
     # master weights). The root keeps its fp32 inputs, as the norm-pix targets come from the patches;
     # autocast casts for the root's own layers.
@@ -59,7 +75,7 @@ class FSDP2Engine(Engine):
         # One process (no process group) trains the plain module; DCP still reads and writes the same format.
         self.sharded = env.distributed
         if self.sharded:
-            shard(model, env, recipe.train.precision == "bf16")
+            shard(model, env, recipe.train.precision == "bf16", recipe.parallelism.fsdp_shard_size)
         self.optimizer = build_optimizer(model, recipe.optim, env.device)
 
     def forward_backward(self, batch: MicroBatch, *, loss_scale: float, sync: bool) -> torch.Tensor:
@@ -81,7 +97,8 @@ class FSDP2Engine(Engine):
         set_lr(self.optimizer, lr)
         params = [p for p in self.module.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if isinstance(norm, DTensor):  # a partial norm of the local shards: reduce it to the global one
+        # A partial norm of the local shards (replicated across HSDP's groups): reduce it to the global one.
+        if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         clip = self.recipe.optim.grad_clip
         if clip > 0 and math.isfinite(clip):
