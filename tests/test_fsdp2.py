@@ -112,6 +112,16 @@ def _train_resumable_in(world_size: int, *args: Any) -> list[tuple[float, float]
     return run_distributed(train_resumable, world_size, *args)
 
 
+def _assert_resume_continues(tmp_path: Path) -> None:
+    """The run resumed at step 2 (in tmp_path/loaded) continues the uninterrupted one (tmp_path/saved)."""
+    saved, loaded = _metrics(tmp_path / "saved"), _metrics(tmp_path / "loaded")
+    assert len(saved) == STEPS and len(loaded) == STEPS - 1
+    for (l1, g1), (l2, g2) in zip(loaded, saved[1:], strict=True):
+        assert l1 == pytest.approx(l2, rel=1e-5) and g1 == pytest.approx(g2, rel=1e-5)
+    params = {d: dict(np.load(tmp_path / d / "params.npz")) for d in ("saved", "loaded")}
+    assert_same_params(params["loaded"], params["saved"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("saved_on", "loaded_on"), [(2, 1), (1, 2)])
 def test_fsdp2_checkpoint_resumes_on_another_world_size(saved_on: int, loaded_on: int, tmp_path: Path) -> None:
@@ -127,12 +137,7 @@ def test_fsdp2_checkpoint_resumes_on_another_world_size(saved_on: int, loaded_on
     # Resume at the second step: the schedule's last step has lr 0, so only the second one's update shows
     # whether the optimizer state (Adam's moments and step count) came back.
     _train_resumable_in(loaded_on, recipe[loaded_on], data, str(tmp_path / "loaded"), 1, str(ckpt))
-    saved, loaded = _metrics(tmp_path / "saved"), _metrics(tmp_path / "loaded")
-    assert len(saved) == STEPS and len(loaded) == STEPS - 1
-    for (l1, g1), (l2, g2) in zip(loaded, saved[1:], strict=True):
-        assert l1 == pytest.approx(l2, rel=1e-5) and g1 == pytest.approx(g2, rel=1e-5)
-    params = {d: dict(np.load(tmp_path / d / "params.npz")) for d in ("saved", "loaded")}
-    assert_same_params(params["loaded"], params["saved"])
+    _assert_resume_continues(tmp_path)
 
 
 @pytest.mark.slow
@@ -395,12 +400,7 @@ def test_fsdp2_hybrid_checkpoint_reshards(saved_on: tuple, loaded_on: tuple, tmp
     assert (ckpt / ".metadata").is_file()
     # Resume at the second step (as in the world-size test above: its update shows Adam's state came back).
     run_distributed(train_resumable, loaded_on[0], _hsdp(*loaded_on), data, str(tmp_path / "loaded"), 1, str(ckpt))
-    saved, loaded = _metrics(tmp_path / "saved"), _metrics(tmp_path / "loaded")
-    assert len(saved) == STEPS and len(loaded) == STEPS - 1
-    for (l1, g1), (l2, g2) in zip(loaded, saved[1:], strict=True):
-        assert l1 == pytest.approx(l2, rel=1e-5) and g1 == pytest.approx(g2, rel=1e-5)
-    params = {d: dict(np.load(tmp_path / d / "params.npz")) for d in ("saved", "loaded")}
-    assert_same_params(params["loaded"], params["saved"])
+    _assert_resume_continues(tmp_path)
 
 
 @pytest.mark.slow
