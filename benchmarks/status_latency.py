@@ -25,8 +25,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from seiscli.launcher.runs import create_run
 from seiscli.recipe import load_recipe
-from seiscli.runs import create_run
 
 
 def wall(cmd: list[str], env: dict[str, str], repeat: int) -> float:

@@ -1,3 +1,3 @@
-from seiscli.cli import main
+from seiscli.launcher.cli import main
 
 main()

@@ -482,7 +482,7 @@ def seis(runs: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_launch_resume_refuses_unknown_runs_and_runs_without_checkpoints(tmp_path: Path) -> None:
-    from seiscli.runs import create_run
+    from seiscli.launcher.runs import create_run
 
     runs = tmp_path / "runs"
     out = seis(runs, "launch", "smoke", "--resume", "nope", "--dry-run")
@@ -494,7 +494,7 @@ def test_launch_resume_refuses_unknown_runs_and_runs_without_checkpoints(tmp_pat
 
 @pytest.mark.slow
 def test_launch_resume_continues_a_local_run_from_its_checkpoint(tmp_path: Path, data_dir: Path) -> None:
-    from seiscli.runs import iter_runs
+    from seiscli.launcher.runs import iter_runs
 
     runs = tmp_path / "runs"
     first = seis(runs, "launch", "smoke", "--steps", "6", "--name", "first")
@@ -523,9 +523,9 @@ def test_launch_resume_continues_a_local_run_from_its_checkpoint(tmp_path: Path,
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_slurm_usr1_warning_checkpoints_requeues_and_the_next_attempt_resumes(tmp_path: Path, data_dir: Path) -> None:
-    from seiscli.backends.base import JobState
-    from seiscli.backends.slurm import run_slurm
-    from seiscli.runs import iter_runs
+    from seiscli.launcher.backends.base import JobState
+    from seiscli.launcher.backends.slurm import run_slurm
+    from seiscli.launcher.runs import iter_runs
     from tests.test_slurm import wait_for
 
     runs = tmp_path / "runs"

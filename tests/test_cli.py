@@ -25,7 +25,7 @@ def imported_after(args: list[str], cwd: Path) -> tuple[list[str], float]:
     """Run the CLI in a fresh interpreter and report which heavy modules it imported, and its wall time."""
     code = (
         f"import sys, time; t = time.perf_counter(); sys.argv = ['seis', *{args!r}]\n"
-        "from seiscli.cli import main\n"
+        "from seiscli.launcher.cli import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         f"print('\\nIMPORTED', [m for m in {HEAVY!r} if m in sys.modules], time.perf_counter() - t)"
     )

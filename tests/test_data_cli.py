@@ -68,7 +68,7 @@ def test_bad_input_exits_2(tmp_path: Path) -> None:
 
 def test_missing_trainer_extras_is_a_clear_error(tmp_path: Path) -> None:
     code = (
-        "import sys; sys.modules['mdio'] = None; from seiscli.cli import app; "
+        "import sys; sys.modules['mdio'] = None; from seiscli.launcher.cli import app; "
         f"sys.argv = ['seis', 'data', 'synth', {str(tmp_path / 'x.mdio')!r}, '--shape', '4', '4', '4']; app()"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -78,7 +78,7 @@ def test_missing_trainer_extras_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_data_commands_import_nothing_heavy() -> None:
     code = (
-        "import sys, seiscli.cli, seiscli.data_cli; "
+        "import sys, seiscli.launcher.cli, seiscli.launcher.cli.data; "
         "heavy = [m for m in ('numpy', 'zarr', 'mdio', 'torch', 'xarray') if m in sys.modules]; "
         "assert not heavy, heavy"
     )

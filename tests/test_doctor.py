@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from seiscli.doctor import Check, run_checks
-from seiscli.profiles import load_recipe_for_cluster
+from seiscli.launcher.doctor import Check, run_checks
+from seiscli.launcher.profiles import load_recipe_for_cluster
 
 
 def doctor(*args: str, runs: Path, env: dict[str, str] | None = None) -> tuple[int, dict[str, dict[str, Any]]]:

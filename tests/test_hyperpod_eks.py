@@ -273,10 +273,10 @@ def test_completed_and_failed_states(k8s: tuple[FakeApi, dict[str, str]]) -> Non
 def test_submission_errors_are_the_servers_words(
     k8s: tuple[FakeApi, dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from seiscli.backends.base import SubmitError
-    from seiscli.backends.hyperpod_eks import HyperPodEksBackend
-    from seiscli.launch import plan_launch, write_run
-    from seiscli.profiles import load_recipe_for_cluster
+    from seiscli.launcher.backends.base import SubmitError
+    from seiscli.launcher.backends.hyperpod_eks import HyperPodEksBackend
+    from seiscli.launcher.launch import plan_launch, write_run
+    from seiscli.launcher.profiles import load_recipe_for_cluster
 
     api, env = k8s
     for key, value in env.items():

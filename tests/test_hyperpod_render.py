@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import yaml
 
-from seiscli.backends.hyperpod_eks import GROUP, KIND, VERSION, job_name
-from seiscli.profiles import load_recipe_for_cluster
+from seiscli.launcher.backends.hyperpod_eks import GROUP, KIND, VERSION, job_name
+from seiscli.launcher.profiles import load_recipe_for_cluster
+from seiscli.launcher.render import render_script
 from seiscli.recipe import PROJECT_ROOT, RecipeError
-from seiscli.render import render_script
 
 GOLDEN = Path(__file__).parent / "golden"
 RUN_DIR = "/fsx/runs/NAME/20261124-120000"

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from seiscli.backends.base import JobState, JobStatus
-from seiscli.backends.slurm import (
+from seiscli.launcher.backends.base import JobState, JobStatus
+from seiscli.launcher.backends.slurm import (
     _exit_pair,
     _wait_status,
     expand_hostlist,
@@ -25,7 +25,7 @@ from seiscli.backends.slurm import (
     query_jobcomp,
     slurm_conf_value,
 )
-from seiscli.jobs import (
+from seiscli.launcher.jobs import (
     SETTLED,
     _Follower,
     current_statuses,
@@ -36,8 +36,8 @@ from seiscli.jobs import (
     state_label,
     stored_status,
 )
+from seiscli.launcher.runs import Run, create_run
 from seiscli.recipe import load_recipe
-from seiscli.runs import Run, create_run
 
 HEAVY = ("torch", "deepspeed", "zarr", "numpy")
 
@@ -162,7 +162,7 @@ def test_settled_runs_are_not_asked_about_again(tmp_path: Path, monkeypatch: pyt
             asked.append([r.submission()["job_id"] for r in runs])
             return {r.path: JobStatus(JobState.RUNNING, source="squeue") for r in runs}
 
-    monkeypatch.setattr("seiscli.backends.get_backend", lambda name: Recorder())
+    monkeypatch.setattr("seiscli.launcher.backends.get_backend", lambda name: Recorder())
     runs = [slurm_run(tmp_path, job_id=str(i), state=s.value) for i, s in enumerate(JobState)]
     current_statuses(runs)
     unsettled = [str(i) for i, s in enumerate(JobState) if s not in SETTLED]
@@ -249,7 +249,7 @@ def test_logs_rejects_bad_arguments_with_exit_2(tmp_path: Path) -> None:
 
 def test_local_run_logs_follow_and_rank_files(tmp_path: Path) -> None:
     """A local-backend run (a short script in place of torchrun, writing torchrun's per-rank layout)."""
-    from seiscli.backends.local import LocalBackend
+    from seiscli.launcher.backends.local import LocalBackend
 
     runs = tmp_path / "runs"
     run = create_run(load_recipe("smoke", {"name": "loc"}), runs)
@@ -293,7 +293,7 @@ def test_status_of_fifty_finished_runs_reads_only_files_and_imports_no_torch(tmp
         run.metrics_path.write_text(json.dumps({"step": i, "samples_per_s": 2.0}) + "\n")
     code = (
         "import sys, json; sys.argv = ['seis', 'status', '--json']\n"
-        "from seiscli.cli import main\n"
+        "from seiscli.launcher.cli import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         f"print('\\nHEAVY', json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
     )

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from seiscli.profiles import ProfileError, list_profiles, load_profile, load_recipe_for_cluster, selected_profile
+from seiscli.launcher.profiles import (
+    ProfileError,
+    list_profiles,
+    load_profile,
+    load_recipe_for_cluster,
+    selected_profile,
+)
 from seiscli.recipe import PROJECT_ROOT
 
 SHIPPED = sorted(p.stem for p in (PROJECT_ROOT / "clusters").glob("*.yaml"))

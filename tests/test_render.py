@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from seiscli.launcher.render import render_script
 from seiscli.recipe import RecipeError, load_recipe
-from seiscli.render import render_script
 
 GOLDEN = Path(__file__).parent / "golden"
 RUN_DIR = Path("/shared/runs/NAME/20261124-120000")

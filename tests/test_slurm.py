@@ -21,11 +21,11 @@ from typing import Any
 
 import pytest
 
-from seiscli.backends.base import JobState
-from seiscli.backends.slurm import SlurmBackend, query_jobcomp, query_sacct, query_squeue, run_slurm
-from seiscli.jobs import current_statuses
+from seiscli.launcher.backends.base import JobState
+from seiscli.launcher.backends.slurm import SlurmBackend, query_jobcomp, query_sacct, query_squeue, run_slurm
+from seiscli.launcher.jobs import current_statuses
+from seiscli.launcher.runs import Run, create_run
 from seiscli.recipe import load_recipe
-from seiscli.runs import Run, create_run
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parent.parent
@@ -322,7 +322,11 @@ def test_each_source_reports_a_finished_job_and_sacct_off_degrades(tmp_path: Pat
     no_acct.write_text(conf.replace("accounting_storage/slurmdbd", "accounting_storage/none"))
     env = {"SLURM_CONF": str(no_acct)}
     probe = subprocess.run(
-        [sys.executable, "-c", f"from seiscli.backends.slurm import query_sacct; print(query_sacct([{job!r}]))"],
+        [
+            sys.executable,
+            "-c",
+            f"from seiscli.launcher.backends.slurm import query_sacct; print(query_sacct([{job!r}]))",
+        ],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
@@ -367,7 +371,7 @@ def test_status_of_fifty_runs_asks_the_scheduler_once_without_torch(tmp_path: Pa
         (shims / tool).chmod(0o755)
     code = (
         "import sys, time, json; t = time.perf_counter(); sys.argv = ['seis', 'status', '--json']\n"
-        "from seiscli.cli import main\n"
+        "from seiscli.launcher.cli import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "print('\\nHEAVY', json.dumps([m for m in ('torch', 'deepspeed', 'zarr', 'numpy') if m in sys.modules]),"
         " time.perf_counter() - t)"

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from seiscli.launch import plan_launch, write_run
-from seiscli.recipe import load_recipe
-from seiscli.runs import Run
-from seiscli.sweep import (
+from seiscli.launcher.launch import plan_launch, write_run
+from seiscli.launcher.runs import Run
+from seiscli.launcher.sweep import (
     Point,
     find_sweep,
     parse_nodes,
@@ -20,6 +19,7 @@ from seiscli.sweep import (
     sweep_recipes,
     with_efficiency,
 )
+from seiscli.recipe import load_recipe
 
 
 def test_parse_nodes() -> None:
@@ -67,7 +67,7 @@ def test_report_from_recorded_runs(tmp_path: Path) -> None:
 @pytest.mark.slurm(nodes=2)
 def test_sweep_on_the_local_slurm_cluster(tmp_path: Path) -> None:
     """scale-sweep submits one real job per node count; sweep-report reads their summaries once they end."""
-    from seiscli.backends.base import JobState
+    from seiscli.launcher.backends.base import JobState
     from tests.test_slurm import seis, wait_for
 
     runs = tmp_path / "runs"

@@ -20,8 +20,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from seiscli.backends.base import JobState, JobStatus, SubmitError
-from seiscli.runs import Run
+from seiscli.launcher.backends.base import JobState, JobStatus, SubmitError
+from seiscli.launcher.runs import Run
 
 QUERY_TIMEOUT_S = 20.0
 JOBCOMP_TAIL_BYTES = 8 << 20  # the jobcomp log only grows; recent jobs are at its end

@@ -1,6 +1,6 @@
 """`seis data ...`: write synthetic MDIO volumes, ingest SEG-Y, inspect volumes, measure the loader.
 
-Mounted by `seiscli/cli.py`. numpy, zarr and mdio are imported inside the commands only, so
+Mounted by `seiscli/launcher/cli/__init__.py`. numpy, zarr and mdio are imported inside the commands only, so
 `seis --help` stays fast on a login node without them.
 """
 
@@ -22,7 +22,7 @@ RegionOpt = Annotated[str | None, typer.Option("--region", help="Object-store re
 def _fail(message: str) -> NoReturn:
     from rich.markup import escape
 
-    from seiscli.cli import fail
+    from seiscli.launcher.cli.common import fail
 
     fail(escape(message))  # paths and extras like seis[train] are text, not rich markup
 

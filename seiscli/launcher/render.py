@@ -92,7 +92,7 @@ def render_script(recipe: Recipe, run_dir: Path, *, template: str | None = None)
     c = recipe.cluster
     extra: dict[str, Any] = {}
     if c.backend == "hyperpod-eks":
-        from seiscli.backends.hyperpod_eks import manifest_context
+        from seiscli.launcher.backends.hyperpod_eks import manifest_context
 
         extra = manifest_context(recipe, run_dir)
     return (

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from seiscli.launcher.runs import Run, find_run, runs_root
 from seiscli.recipe import Recipe, validate
-from seiscli.runs import Run, find_run, runs_root
 
 SWEEPS_DIR = "_sweeps"
 

@@ -6,7 +6,7 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from seiscli.runs import Run
+from seiscli.launcher.runs import Run
 
 
 class JobState(str, enum.Enum):

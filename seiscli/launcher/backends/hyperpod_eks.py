@@ -18,9 +18,9 @@ from typing import Any, TextIO
 
 import yaml
 
-from seiscli.backends.base import JobState, JobStatus, SubmitError
+from seiscli.launcher.backends.base import JobState, JobStatus, SubmitError
+from seiscli.launcher.runs import Run
 from seiscli.recipe import Recipe, RecipeError
-from seiscli.runs import Run
 
 GROUP, VERSION, PLURAL, KIND = "sagemaker.amazonaws.com", "v1", "hyperpodpytorchjobs", "HyperPodPyTorchJob"
 MANIFEST_NAME = "job.yaml"

@@ -19,8 +19,8 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.table import Column, Table
 
-from seiscli.backends.base import JobState, JobStatus
-from seiscli.runs import Run, find_run, iter_runs
+from seiscli.launcher.backends.base import JobState, JobStatus
+from seiscli.launcher.runs import Run, find_run, iter_runs
 
 # Finished for good: nothing the scheduler says later changes these, so they are not asked about again.
 # (PREEMPTED and NODE_FAIL are not here: a job with --requeue comes back from them.)
@@ -59,7 +59,7 @@ def stored_status(sub: dict[str, Any]) -> JobStatus:
 
 def current_statuses(runs: Iterable[Run]) -> dict[Path, tuple[dict[str, Any], JobStatus]]:
     """Each run's submission record and its current status; one batched query per backend."""
-    from seiscli.backends import get_backend
+    from seiscli.launcher.backends import get_backend
 
     result: dict[Path, tuple[dict[str, Any], JobStatus]] = {}
     ask: dict[str, list[Run]] = {}
@@ -214,7 +214,7 @@ def run_details(run: Run, sub: dict[str, Any], st: JobStatus) -> dict[str, Any]:
     """What `seis status RUN` adds: history, every attempt, log files, and the error line of a failure."""
     details: dict[str, Any] = {"history": sub.get("history") or [], "attempts": []}
     if sub.get("backend") in SLURM_BACKENDS and sub.get("job_id"):
-        from seiscli.backends.slurm import job_attempts
+        from seiscli.launcher.backends.slurm import job_attempts
 
         details["attempts"] = [a.to_json() for a in job_attempts(str(sub["job_id"]))]
     details["logs"] = [str(p.relative_to(run.path)) for p in log_files(run, sub, all_ranks=True)]
@@ -584,7 +584,7 @@ def _node_list(run: Run, sub: dict[str, Any], st: JobStatus) -> list[str]:
 def cancel_run(
     ref: str, root: str | Path | None, *, fail: Callable[..., Any], console: Console, wait_s: float = 20.0
 ) -> None:
-    from seiscli.backends import get_backend
+    from seiscli.launcher.backends import get_backend
 
     try:
         run = find_run(ref, root)

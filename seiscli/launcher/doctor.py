@@ -331,8 +331,8 @@ def check_shared(recipe: Recipe, runs_root: Path) -> Check | None:
 
 
 def check_kubernetes(recipe: Recipe) -> list[Check]:
-    from seiscli.backends.base import SubmitError
-    from seiscli.backends.hyperpod_eks import GROUP, VERSION, _kube
+    from seiscli.launcher.backends.base import SubmitError
+    from seiscli.launcher.backends.hyperpod_eks import GROUP, VERSION, _kube
 
     try:
         client, api = _kube(recipe.cluster.eks.context)

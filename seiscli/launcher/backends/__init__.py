@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from seiscli.backends.base import Backend
+from seiscli.launcher.backends.base import Backend
 
 
 def get_backend(name: str) -> Backend:
     if name == "local":
-        from seiscli.backends.local import LocalBackend
+        from seiscli.launcher.backends.local import LocalBackend
 
         return LocalBackend()
     if name in ("slurm", "hyperpod-slurm"):
-        from seiscli.backends.slurm import SlurmBackend
+        from seiscli.launcher.backends.slurm import SlurmBackend
 
         return SlurmBackend()
     if name == "hyperpod-eks":
-        from seiscli.backends.hyperpod_eks import HyperPodEksBackend
+        from seiscli.launcher.backends.hyperpod_eks import HyperPodEksBackend
 
         return HyperPodEksBackend()
     raise ValueError(f"backend {name!r} cannot submit from here; backends: local, slurm, hyperpod-slurm, hyperpod-eks")

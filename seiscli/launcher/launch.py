@@ -15,9 +15,9 @@ from typing import Any
 from rich.console import Console
 
 from seiscli.checkpoint_layout import find_latest, incompatibility, resolve_dir
+from seiscli.launcher.render import render_script
+from seiscli.launcher.runs import Run, create_run, find_run, runs_root
 from seiscli.recipe import Recipe, RecipeError, load_recipe
-from seiscli.render import render_script
-from seiscli.runs import Run, create_run, find_run, runs_root
 
 SCRIPT_NAME = {
     "local": "launch.sh",
@@ -81,7 +81,7 @@ def plan_launch(
             raise RecipeError(f"--resume {resume.run_id}: cannot resume from {resume.checkpoint}: {problem}")
         notes.append(f"resuming {resume.run_id} from {resume.checkpoint} (step {resume.step})")
     if recipe.cluster.backend == "local":
-        from seiscli.backends.local import fit_to_machine
+        from seiscli.launcher.backends.local import fit_to_machine
 
         recipe, changes = fit_to_machine(recipe)
         if changes:
@@ -108,8 +108,8 @@ def write_run(plan: LaunchPlan) -> Run:
 
 def execute(plan: LaunchPlan, *, console: Console, detach: bool = False) -> int:
     """Create the run, submit it, and return the exit code for the CLI."""
-    from seiscli.backends import get_backend
-    from seiscli.backends.base import JobState, SubmitError
+    from seiscli.launcher.backends import get_backend
+    from seiscli.launcher.backends.base import JobState, SubmitError
 
     run = write_run(plan)
     backend = get_backend(plan.backend)
@@ -122,7 +122,7 @@ def execute(plan: LaunchPlan, *, console: Console, detach: bool = False) -> int:
     console.print(f"run [bold]{run.id}[/]  job {job_id}  ({plan.backend})\n  {run.path}", highlight=False)
     if plan.backend != "local" or detach:
         return 0
-    from seiscli.backends.local import LocalBackend
+    from seiscli.launcher.backends.local import LocalBackend
 
     assert isinstance(backend, LocalBackend)
     return follow_local(run, backend, plan.recipe, console)

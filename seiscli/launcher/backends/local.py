@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from seiscli.backends.base import JobState, JobStatus
+from seiscli.launcher.backends.base import JobState, JobStatus
+from seiscli.launcher.runs import Run
 from seiscli.recipe import Recipe, validate
-from seiscli.runs import Run
 
 
 def local_gpu_count() -> int:

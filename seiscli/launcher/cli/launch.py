@@ -1,0 +1,106 @@
+"""`seis render` and `seis launch`."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from seiscli.launcher.cli.common import (
+    CP,
+    ClusterOpt,
+    Name,
+    Nodes,
+    RunsDir,
+    Sets,
+    Steps,
+    StrategyOpt,
+    ZeroStage,
+    app,
+    err,
+    fail,
+    out,
+    print_script,
+    resolve_for_cluster,
+)
+from seiscli.recipe import RecipeError, find_recipe
+
+
+@app.command()
+def render(
+    recipe: Annotated[str, typer.Argument(help="Recipe name (see `seis recipes list`) or YAML path.")],
+    nodes: Nodes = None,
+    strategy: StrategyOpt = None,
+    zero_stage: ZeroStage = None,
+    cp: CP = None,
+    steps: Steps = None,
+    name: Name = None,
+    set_: Sets = None,
+    runs_dir: RunsDir = None,
+    cluster: ClusterOpt = None,
+) -> None:
+    """Print the job script a launch would submit. Submits nothing, writes nothing."""
+    from seiscli.launcher.launch import plan_launch
+
+    kw = {"nodes": nodes, "strategy": strategy, "zero_stage": zero_stage, "cp": cp, "steps": steps, "name": name}
+    r = resolve_for_cluster(recipe, cluster, sets=set_, **kw)
+    try:
+        print_script(plan_launch(r, runs_dir).script)
+    except RecipeError as e:
+        fail(str(e))
+
+
+@app.command()
+def launch(
+    recipe: Annotated[str, typer.Argument(help="Recipe name (see `seis recipes list`) or YAML path.")],
+    nodes: Nodes = None,
+    strategy: StrategyOpt = None,
+    zero_stage: ZeroStage = None,
+    cp: CP = None,
+    steps: Steps = None,
+    name: Name = None,
+    set_: Sets = None,
+    backend: Annotated[
+        str | None,
+        typer.Option("--backend", help="local, slurm, hyperpod-slurm or hyperpod-eks [profile's type, else recipe's]."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the script; submit and write nothing.")] = False,
+    detach: Annotated[bool, typer.Option("--detach", help="Local backend: start and return at once.")] = False,
+    runs_dir: RunsDir = None,
+    cluster: ClusterOpt = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            help="Continue RUN (name, <name>/<timestamp>, job id or path) from its newest complete checkpoint; "
+            "the new run reads and writes RUN's checkpoint directory.",
+        ),
+    ] = None,
+) -> None:
+    """Render the recipe's job script, submit it and record a run directory."""
+    from seiscli.launcher.launch import execute, plan_launch, resume_source
+
+    sets = list(set_ or [])
+    if backend is not None:
+        sets.append(f"cluster.backend={backend}")
+    source = None
+    if resume is not None:
+        try:
+            source = resume_source(resume, runs_dir)
+        except (LookupError, RecipeError) as e:
+            fail(f"--resume {resume}: {e}")
+        sets.append(f"checkpoint.dir={json.dumps(str(source.checkpoint_dir))}")  # JSON is YAML: any path reads back
+    kw = {"nodes": nodes, "strategy": strategy, "zero_stage": zero_stage, "cp": cp, "steps": steps, "name": name}
+    r = resolve_for_cluster(recipe, cluster, sets=sets, **kw)
+    try:
+        plan = plan_launch(r, runs_dir, recipe_source=find_recipe(recipe), resume=source)
+    except RecipeError as e:
+        fail(str(e))
+    for note in plan.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
+    if dry_run:
+        print_script(plan.script)
+        return
+    code = execute(plan, console=out, detach=detach)
+    raise typer.Exit(code)
