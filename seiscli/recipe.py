@@ -7,14 +7,23 @@ This module is the only thing the launcher and the trainer share. It imports not
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# Where the shipped recipes and templates live (repository root, next to the package).
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _shipped_root() -> Path:
+    """Where the shipped recipes, templates and cluster profiles live: the repository root next to the package
+    (a checkout or editable install), else <prefix>/share/seis where a plain `pip install .` puts them."""
+    repo = Path(__file__).resolve().parent.parent
+    return repo if (repo / "templates").is_dir() else Path(sys.prefix) / "share" / "seis"
+
+
+PROJECT_ROOT = _shipped_root()
 RECIPES_DIR = PROJECT_ROOT / "recipes"
 
 Strategy = Literal["ddp", "zero1", "zero2", "zero3", "fsdp2"]
@@ -27,6 +36,29 @@ STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 class RecipeError(ValueError):
     """A recipe problem, phrased as one line that names the field and what is allowed."""
+
+
+# Recipes and profiles are untrusted input. A few lines of YAML aliases can expand into billions of nodes
+# (the "billion laughs" shape) and hang the loader, so aliases are refused outright: no recipe needs them,
+# and refusing is simpler to reason about than bounding the expansion. The size cap bounds parse time.
+MAX_YAML_BYTES = 1 << 20
+_YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse untrusted YAML: one line `source: reason` (a RecipeError) for anything refused or malformed."""
+    if len(text.encode()) > MAX_YAML_BYTES:
+        raise RecipeError(f"{source}: {len(text.encode()):,} bytes; at most {MAX_YAML_BYTES:,} are read")
+    try:
+        for event in yaml.parse(text, Loader=_YamlLoader):
+            if isinstance(event, yaml.AliasEvent):
+                line = event.start_mark.line + 1
+                raise RecipeError(
+                    f"{source}: line {line}: YAML alias *{event.anchor} is not allowed; write the value out"
+                )
+        return yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{source}: not valid YAML: {str(e).splitlines()[0]}") from None
 
 
 class _Section(BaseModel):
@@ -353,10 +385,7 @@ def list_recipes() -> list[str]:
 
 def read_recipe_dict(name_or_path: str) -> dict[str, Any]:
     path = find_recipe(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    data = load_yaml(path.read_text(), str(path))
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
     return data
@@ -398,8 +427,8 @@ def parse_set(item: str) -> tuple[str, Any]:
         raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. model.encoder_depth=24")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = load_yaml(raw, f"--set {key.strip()}") if raw.strip() else ""
+    except RecipeError:  # not plain YAML (or an alias, as in a glob `*.mdio`): the text itself, never expanded
         value = raw
     return key.strip(), value
 

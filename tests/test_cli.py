@@ -14,10 +14,10 @@ import pytest
 HEAVY = ("torch", "deepspeed", "zarr", "numpy", "mdio", "s3fs")
 
 
-def seis(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def seis(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SEIS_RUNS_DIR": str(cwd / "runs")}
     return subprocess.run(
-        [sys.executable, "-m", "seiscli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "seiscli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -95,6 +95,41 @@ def test_bad_input_exit_2_one_line_nothing_written(args: list[str], needle: str,
     assert len(lines) == 1 and lines[0].startswith("error:"), out.stderr
     assert needle in lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+# Nine levels of nine aliases: 9**9 strings once expanded, hidden in a field that takes a list.
+BILLION_LAUGHS = (
+    "name: lol\nx-laughs:\n"
+    + "".join(
+        f"  {k}: &{k} [{', '.join([f'*{prev}'] * 9) if prev else ', '.join(['lol'] * 9)}]\n"
+        for prev, k in zip(["", *"abcdefgh"], "abcdefghi", strict=True)
+    )
+    + "data: {uris: *i}\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (BILLION_LAUGHS, "line 4: YAML alias *a is not allowed"),
+        ("name: big\n# " + "x" * (1 << 20) + "\n", "at most 1,048,576 are read"),
+        ("name: [unclosed\n", "not valid YAML"),
+    ],
+)
+@pytest.mark.parametrize("command", ["launch", "render"])
+def test_untrusted_recipe_file_refused_fast(command: str, text: str, needle: str, tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(text)
+    # Without the guard a billion-laughs recipe never returns: the timeout turns that hang into a failure.
+    out = seis(command, str(tmp_path / "r.yaml"), cwd=tmp_path, timeout=30)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    lines = [x for x in out.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and needle in lines[0], out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_override_value_with_star_is_text_not_alias(tmp_path: Path) -> None:
+    out = seis("recipes", "show", "smoke", "--set", "name=*laughs", cwd=tmp_path)
+    assert out.returncode == 2 and "field 'name'" in out.stderr  # read as the text '*laughs', then validated
 
 
 def test_recipes_show_and_validate(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import importlib.metadata
 import importlib.util
 import os
 import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -48,11 +49,17 @@ def bash_n(script: str) -> None:
 
 def aws_models() -> ModuleType:
     """sagemaker-hyperpod's pydantic models of the HyperPodPyTorchJob CRD, loaded from their file: the package's
-    __init__ pulls kubernetes, awscli and more, the models themselves need pydantic only."""
-    try:
-        dist = importlib.metadata.distribution("sagemaker-hyperpod")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.fail('AWS models missing: pip install --no-deps "sagemaker-hyperpod==3.12.0" (make install does)')
+    __init__ pulls kubernetes, awscli and more, the models themselves need pydantic only. `make install` puts the
+    package in <env>/aws-models, outside site-packages, so its pins never make the environment inconsistent."""
+    found = list(
+        importlib.metadata.distributions(name="sagemaker-hyperpod", path=[str(Path(sys.prefix, "aws-models"))])
+    )
+    if not found:
+        pytest.fail(
+            f'AWS models missing: pip install --no-deps --target {sys.prefix}/aws-models "sagemaker-hyperpod==3.12.0"'
+            " (make install does)"
+        )
+    dist = found[0]
     path = Path(str(dist.locate_file("sagemaker/hyperpod/training/config/hyperpod_pytorch_job_unified_config.py")))
     spec = importlib.util.spec_from_file_location("hyperpod_pytorch_job_unified_config", path)
     assert spec and spec.loader, path

@@ -21,10 +21,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from seiscli.recipe import PROJECT_ROOT, Recipe, RecipeError, read_recipe_dict, set_path, validate
+from seiscli.recipe import PROJECT_ROOT, Recipe, RecipeError, load_yaml, read_recipe_dict, set_path, validate
 
 ProfileType = Literal["slurm", "hyperpod-slurm", "hyperpod-eks"]
 SHIPPED_DIR = PROJECT_ROOT / "clusters"
@@ -127,9 +126,9 @@ def find_profile(name_or_path: str) -> Path:
 def load_profile(name_or_path: str) -> ClusterProfile:
     path = find_profile(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ProfileError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        data = load_yaml(path.read_text(), str(path))
+    except RecipeError as e:
+        raise ProfileError(str(e)) from None
     if not isinstance(data, dict):
         raise ProfileError(f"{path}: a cluster profile is a YAML mapping")
     data.setdefault("name", path.stem)
