@@ -16,6 +16,8 @@ else
   PY := $(PREFIX)/bin/python
 endif
 PIP := $(PY) -m pip
+# Everything below runs as in an activated environment: jobs on the local Slurm cluster find its python3.
+export PATH := $(dir $(PY)):$(PATH)
 # Installed from the lock (locks/dev.txt, see `make lock`); torch is not in it (below).
 LOCK ?= locks/dev.txt
 STAMP := $(PREFIX)/.seis-installed

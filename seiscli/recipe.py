@@ -15,7 +15,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
-
 def _shipped_root() -> Path:
     """Where the shipped recipes, templates and cluster profiles live: the repository root next to the package
     (a checkout or editable install), else <prefix>/share/seis where a plain `pip install .` puts them."""
@@ -89,7 +88,9 @@ class Cluster(_Section):
     time_limit: str = "01:00:00"
     container_image: str | None = None
     container_mounts: list[str] = []
-    python: str = "python3"
+    python: str = Field(
+        "python3", description="interpreter of the trainer on the nodes; local backend: python3 = seis's own"
+    )
     env: dict[str, str] = {}
     extra_sbatch: list[str] = []
     signal_seconds: int = Field(300, ge=10, description="warning before time limit or preemption")

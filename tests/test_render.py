@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ CASES = {
 
 def _render(case: str) -> str:
     name, overrides = CASES[case]
-    return render_script(load_recipe(name, overrides), Path(str(RUN_DIR).replace("NAME", name)))
+    text = render_script(load_recipe(name, overrides), Path(str(RUN_DIR).replace("NAME", name)))
+    return text.replace(sys.executable, "SEIS_PYTHON")  # the local backend runs seis's own interpreter
 
 
 def bash_n(script: str) -> None:
@@ -40,6 +42,12 @@ def test_golden(case: str) -> None:
     if os.environ.get("SEIS_UPDATE_GOLDEN"):
         path.write_text(text)
     assert text == path.read_text(), f"{case} changed; rerun with SEIS_UPDATE_GOLDEN=1 if intended"
+
+
+def test_local_backend_runs_the_launchers_interpreter() -> None:
+    assert f"exec {sys.executable} -m torch.distributed.run" in render_script(load_recipe("smoke"), RUN_DIR)
+    chosen = render_script(load_recipe("smoke", {"cluster.python": "/opt/env/bin/python"}), RUN_DIR)
+    assert "exec /opt/env/bin/python -m torch.distributed.run" in chosen
 
 
 def test_sixteen_nodes() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,10 @@ def render_script(recipe: Recipe, run_dir: Path, *, template: str | None = None)
         raise RecipeError(f"run directory {str(run_dir)!r} contains white space, which #SBATCH paths cannot hold")
     c = recipe.cluster
     extra: dict[str, Any] = {}
+    if c.backend == "local":
+        # The "node" is this machine: the default `python3` means the interpreter seis itself runs under
+        # (a virtual environment that is not activated included), not whichever python3 PATH finds first.
+        extra["python"] = sys.executable if c.python == "python3" else c.python
     if c.backend == "hyperpod-eks":
         from seiscli.launcher.backends.hyperpod_eks import manifest_context
 
