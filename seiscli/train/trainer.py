@@ -21,6 +21,7 @@ from seiscli.train.metrics import MetricsLog, drop_steps_after, excluded_warmup_
 from seiscli.train.model import Plan, batch_masks, patchify
 from seiscli.train.optim import lr_at
 from seiscli.train.parallel import Engine, MicroBatch
+from seiscli.train.provenance import Fault
 from seiscli.train.signals import BY_PRIORITY, StopRequest, priority
 from seiscli.train.slurm_requeue import requeue
 
@@ -164,6 +165,7 @@ class Trainer:
         if env.is_main:
             print(f"attention kernel: {attention} (model.attention={self.recipe.model.attention})", flush=True)
         ckpt = self.checkpoints
+        fault = Fault.from_env()
         try:
             with StopRequest() as stop:
                 batches = iter(self.loader)
@@ -171,6 +173,8 @@ class Trainer:
                 for step in range(start_step, steps):
                     record, stop_now = self.train_step(batches, step, stop)
                     log.log(record)
+                    if fault is not None:
+                        fault.maybe(record["step"], env.rank, env.world_size, self.loader)
                     last = stop_now is not None or step == steps - 1
                     if env.is_main and (record["step"] % self.recipe.logging.interval == 0 or last):
                         self._print(record)
