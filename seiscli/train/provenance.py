@@ -45,6 +45,11 @@ def classify_exit(exc: BaseException) -> int:
     return EXIT_FAILED
 
 
+def node_name() -> str:
+    """The node as Slurm names it (SLURMD_NODENAME, set in every task), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 def _rank() -> int:
     return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
 
@@ -52,7 +57,7 @@ def _rank() -> int:
 def record_rank_exit(run_dir: Path, code: int) -> None:
     """Every rank that exits non-zero appends one rank_exit line; never raises (the process is ending)."""
     try:
-        event = rank_exit_event(current_attempt(), _rank(), code, socket.gethostname(), time.time())
+        event = rank_exit_event(current_attempt(), _rank(), code, node_name(), time.time())
         append_event(run_dir, event)
     except OSError:
         pass
@@ -83,6 +88,7 @@ def environment(nodes: list[str]) -> dict[str, Any]:
     info: dict[str, Any] = {
         "time": time.time(),
         "host": socket.gethostname(),
+        "node": node_name(),
         "nodes": nodes,
         "python": sys.version.split()[0],
         "executable": sys.executable,
@@ -111,7 +117,7 @@ def environment(nodes: list[str]) -> dict[str, Any]:
 
 def gather_hosts(distributed: bool) -> list[str]:
     """Every rank's host name in rank order (one all_gather_object at start)."""
-    me = socket.gethostname()
+    me = node_name()
     if not distributed:
         return [me]
     import torch.distributed as dist
