@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,16 +33,22 @@ from seiscli.run_layout import (
 _COMM_TYPES = ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError")
 _COMM_TEXT = ("NCCL", "Connection closed by peer", "Connection reset by peer", "Broken pipe", "Watchdog caught")
 _LOADER_TEXT = ("DataLoader worker", "exited unexpectedly", "killed by signal")
+_LOADER_FRAMES = os.path.join("torch", "utils", "data", "")
 
 
 def classify_exit(exc: BaseException) -> int:
     """The exit code for an exception the trainer did not handle: EXIT_COMM, EXIT_LOADER or EXIT_FAILED."""
     names = {c.__name__ for c in type(exc).__mro__}
     text = str(exc)
+    # A worker that died (SIGKILL) surfaces in the trainer process inside torch.utils.data: "worker exited
+    # unexpectedly", or, seen here, a ConnectionResetError while fetching a batch's shared memory from it. An
+    # exception the worker raised itself (bad data, a bug) comes back as "Caught X in DataLoader worker".
+    in_loader = any(_LOADER_FRAMES in f.filename for f in traceback.extract_tb(exc.__traceback__))
+    died = in_loader or (_LOADER_TEXT[0] in text and any(s in text for s in _LOADER_TEXT[1:]))
+    if died and "in DataLoader worker process" not in text:
+        return EXIT_LOADER
     if names & set(_COMM_TYPES) or any(s in text for s in _COMM_TEXT):
         return EXIT_COMM
-    if _LOADER_TEXT[0] in text and any(s in text for s in _LOADER_TEXT[1:]):
-        return EXIT_LOADER
     return EXIT_FAILED
 
 
@@ -162,8 +169,7 @@ class Fault:
     """Test hook: SEIS_FAULT=KIND@STEP[/ATTEMPT] makes the trainer fail the way real jobs do, after step STEP
     of attempt ATTEMPT (default 1), so the job script's retry policy can be tested with real Slurm jobs.
     KIND: `comm` (the last rank raises torch.distributed.DistNetworkError), `kill` (the last rank SIGKILLs
-    itself), `loader` (rank 0 SIGKILLs a data-loader worker, as the OOM killer does), `exit2` (every rank
-    exits 2, as on a configuration error). Never set in production."""
+    itself), `loader` (rank 0 SIGKILLs its data-loader workers, as the OOM killer does). Never set in production."""
 
     kind: str
     step: int
@@ -192,7 +198,3 @@ class Fault:
             workers = getattr(getattr(loader, "_workers_iter", None), "_workers", None) or []
             for w in workers:
                 os.kill(w.pid, signal.SIGKILL)
-        if self.kind == "exit2":
-            from seiscli.recipe import RecipeError
-
-            raise RecipeError(f"SEIS_FAULT: injected configuration error after step {step}")
