@@ -11,10 +11,14 @@ Layout (beside recipe.yaml, submission.json, metrics.jsonl of seiscli/launcher/r
     {"event": "trainer", "attempt": 1, "job_id": "17", "first_step": 1, "resumed_from": null | "<ckpt dir>",
      "world_size": 4, "nodes": [...], "time": ...}                      trainer rank 0, after resuming
     {"event": "end", "attempt": 1, "job_id": "17", "time": ..., "exit_code": 3, "signal": null,
-     "last_step": 40, "action": "requeue" | "done" | "stop" | "signalled", "retries": 1,
+     "last_step": 40, "action": "requeue" | "requeued" | "done" | "stop" | "signalled", "retries": 1,
      "why": "communication failure"}                                   job script, after the training step
     {"event": "rank_exit", "attempt": 1, "time": ..., "rank": 3, "exit_code": 3, "host": "node2"}
                                                                         a trainer process exiting non-zero
+    {"event": "requeued_self", "attempt": 1, "time": ...}               trainer rank 0, after its USR1 requeue
+  "action": requeue = the job script requeued the job after a failure; requeued = the trainer requeued itself
+  after Slurm's USR1 warning (not counted against cluster.max_retries); done = finished; stop = failed and not
+  retried; signalled = the batch script got SIGTERM (time limit, preemption, scancel).
   A start without an end is an attempt that is running, or whose batch script was killed (node lost, time
   limit): readers show its end as unknown. Several "trainer" lines within one attempt are restarts of the
   training step inside the allocation (HyperPod auto-resume); `read_attempts` counts them as step_restarts.

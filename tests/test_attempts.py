@@ -149,6 +149,10 @@ def _launch(runs: Path, name: str, *args: str, fault: str | None = None) -> Run:
     return Run(path.parent)
 
 
+def _sets(*items: str) -> list[str]:
+    return [x for item in items for x in ("--set", item)]
+
+
 def _release_when_requeued(run: Run, timeout: float = 300) -> None:
     """Slurm holds a requeued batch job ~2 minutes (BeginTime); let it start now."""
     wait_for(run, {JobState.REQUEUED}, timeout)
@@ -166,10 +170,22 @@ def test_retry_policy_by_exit_code_on_real_jobs(tmp_path: Path) -> None:
     loader = _launch(runs, "f-loader", "--set", "data.workers=1", "--set", "cluster.max_retries=0", fault="loader@2")
     kill = _launch(runs, "f-kill", "--set", "cluster.max_retries=0", fault="kill@2")
     config = _launch(runs, "f-config", "--set", "model.attention=cudnn")  # valid recipe; the CPU trainer refuses
+    # Slurm's USR1 warning 50 s before a one-minute limit: the trainer checkpoints and requeues itself.
+    usr1 = _launch(runs, "usr1", "--steps", "100000", *_sets("cluster.time_limit=1", "cluster.signal_seconds=50"))
+    jobs = (comm, loader, kill, config, usr1)
     try:
         _release_when_requeued(comm)
+        _release_when_requeued(usr1)
         for run in (comm, loader, kill, config):
             wait_for(run, FINISHED, 400)
+        deadline = time.monotonic() + 300
+        while len(read_attempts(usr1.path)) < 2 or read_attempts(usr1.path)[1]["first_step"] is None:
+            assert time.monotonic() < deadline, read_attempts(usr1.path)
+            time.sleep(2)
+        run_slurm(["scancel", str(usr1.submission()["job_id"])])
+        first, second = read_attempts(usr1.path)[:2]
+        assert (first["exit_code"], first["action"], first["retries"]) == (0, "requeued", 0)
+        assert second["restart_count"] == 1 and second["resumed_from"].endswith(f"step-{first['last_step']:06d}")
 
         first, second = read_attempts(comm.path)
         assert (first["exit_code"], first["action"], first["last_step"]) == (EXIT_COMM, "requeue", 2)
@@ -190,7 +206,7 @@ def test_retry_policy_by_exit_code_on_real_jobs(tmp_path: Path) -> None:
         row = status_json(runs, config.id)
         assert row["state"] == "FAILED" and row["restarts"] == 0
     finally:
-        for run in (comm, loader, kill, config):
+        for run in jobs:
             run_slurm(["scancel", str(run.submission().get("job_id"))])
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from seiscli.recipe import Recipe
+from seiscli.run_layout import append_event, current_attempt
 from seiscli.train.checkpoint import CheckpointManager
 from seiscli.train.distributed import DistEnv
 from seiscli.train.flops import MAEFlops, peak_flops
@@ -218,6 +219,8 @@ class Trainer:
         """Rank 0 asks Slurm to requeue the job (after the checkpoint); every rank learns the answer before any
         exits, so no early exit can end the job (srun --kill-on-bad-exit) before the requeue is in."""
         ok = requeue(rank=self.env.rank) if self.env.is_main else False
+        if ok:  # the job script's end line says "requeued", whatever srun's status as Slurm ends the attempt
+            append_event(self.run_dir, {"event": "requeued_self", "attempt": current_attempt(), "time": time.time()})
         if self.env.distributed:
             flag = torch.tensor([float(ok)], dtype=torch.float64, device=self.env.device)
             dist.broadcast(flag, src=0)
