@@ -76,6 +76,17 @@ def test_ledger_lines_merge_into_attempts(tmp_path: Path) -> None:
     assert [r["rank"] for r in one["failed_ranks"]] == [1, 0]  # earliest first: rank 1 was the cause
     assert (two["restart_count"], two["nodes"], two["resumed_from"]) == (1, ["n2"], "/c/step-000005")
     assert two["end_time"] is None and two["step_restarts"] == 1
+    # Readers fill an end the job script could not write: from the scheduler's record of that attempt, or
+    # (no job script: local runs) from the run's final state.
+    from seiscli.launcher.runinfo import attempts
+
+    run = Run(tmp_path)
+    sched = [{"state": "REQUEUED"}, {"state": "NODE_FAIL", "end_time": 30.0, "exit_code": 0, "source": "sacct"}]
+    assert attempts(run, sched)[1]["action"] == "NODE_FAIL" and attempts(run, sched)[1]["end_time"] == 30.0
+    (tmp_path / "metrics.jsonl").write_text('{"step": 9}\n')
+    done = attempts(run, None, {"state": "COMPLETED", "exit_code": 0})[1]
+    assert (done["action"], done["exit_code"], done["last_step"]) == ("COMPLETED", 0, 9)
+    assert attempts(run, None, {"state": "RUNNING"})[1]["action"] is None
 
 
 def test_retry_reason_follows_the_readme_table() -> None:
