@@ -17,6 +17,7 @@ from pathlib import Path
 
 from seiscli.recipe import Recipe, RecipeError, load_recipe
 from seiscli.train.errors import CheckpointError, LaunchError
+from seiscli.train.failure import note_failure, note_start
 from seiscli.train.signals import catch_early_usr1
 
 PROG = "python -m seiscli.train"
@@ -28,6 +29,7 @@ def _error(msg: str) -> None:
 
 
 def train(recipe: Recipe, run_dir: Path, started: float) -> int:
+    note_start()
     # torch is imported here, after the recipe was read, so a bad recipe fails in a fraction of a second.
     from seiscli.train import distributed
     from seiscli.train.checkpoint import CheckpointManager
@@ -78,4 +80,5 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         traceback.print_exc()
         _error(f"{type(e).__name__}: {e}")
+        note_failure()
         return EXIT_FAILED
