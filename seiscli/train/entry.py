@@ -37,7 +37,9 @@ def train(recipe: Recipe, run_dir: Path, started: float) -> int:
     from seiscli.train.model import build_model, plan_for
     from seiscli.train.parallel import build_engine
     from seiscli.train.trainer import Trainer
+    from seiscli.train.viewers import check_viewers
 
+    check_viewers(recipe)  # a viewer the recipe asks for but the environment lacks: exit 2 before any work
     plan = plan_for(recipe)
     env = distributed.setup(recipe)
     try:

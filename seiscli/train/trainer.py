@@ -24,6 +24,7 @@ from seiscli.train.parallel import Engine, MicroBatch
 from seiscli.train.rank_times import RankTimes
 from seiscli.train.signals import BY_PRIORITY, StopRequest, priority
 from seiscli.train.slurm_requeue import requeue
+from seiscli.train.viewers import Viewers
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,8 @@ class Trainer:
             drop_steps_after(self.run_dir, start_step)  # steps past the checkpoint are done again
         log = MetricsLog(self.run_dir if env.is_main else None, skip=excluded_warmup_steps(steps - start_step))
         ranks = RankTimes(self.run_dir, env, self.recipe.logging.interval)
+        run_id = f"{self.run_dir.parent.name}/{self.run_dir.name}"
+        viewers = Viewers(self.recipe, self.run_dir, is_main=env.is_main, start_step=start_step, run_id=run_id)
         stopped: int | None = None
         requeued = False
         status = "failed"
@@ -176,6 +179,7 @@ class Trainer:
                     record, stop_now = self.train_step(batches, step, stop)
                     log.log(record)
                     ranks.log(record["step"], self.rank_times)
+                    viewers.log(record)
                     last = stop_now is not None or step == steps - 1
                     if env.is_main and (record["step"] % self.recipe.logging.interval == 0 or last):
                         self._print(record)
@@ -212,6 +216,7 @@ class Trainer:
             )
             log.close()
             ranks.close()
+            viewers.close()
             if env.is_main:
                 write_summary(self.run_dir, summary)
         return RunResult(steps=log.steps, signal=stopped, summary=summary, requeued=requeued)
