@@ -6,7 +6,9 @@ runs against whatever Slurm this machine has.
 Each row is the median wall time of a fresh `seis status --json` process (what a user waits for), next to
 the interpreter's own start and `seis --help` (the CLI's import cost), so the share spent on the runs and
 the scheduler queries is visible. "unfinished" runs all need the scheduler (one squeue call, one sacct call,
-one read of the jobcomp log); "finished" runs are answered from their submission.json alone.
+one read of the jobcomp log); "finished" runs are answered from their submission.json alone. Every run also
+has an attempt ledger (3 attempts) and provenance (launch.json, attempt-1.json with ~150 packages), as real
+runs do, and `seis show RUN` / `seis status RUN` are timed on one of them.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from seiscli.launcher.provenance import write_launch_provenance
 from seiscli.launcher.runs import create_run
 from seiscli.recipe import load_recipe
+from seiscli.run_layout import append_event, attempt_provenance_path
 
 
 def wall(cmd: list[str], env: dict[str, str], repeat: int) -> float:
@@ -44,6 +48,17 @@ def make_runs(root: Path, n: int, state: str) -> None:
         run = create_run(recipe, root)
         run.update_submission(backend="slurm", job_id=str(990000 + i), state=state, submitted=time.time())
         run.metrics_path.write_text("".join(json.dumps({"step": s, "samples_per_s": 10.0}) + "\n" for s in range(200)))
+        write_launch_provenance(run.path, recipe)
+        env = {
+            "python": "3.11",
+            "torch": "2.13",
+            "nodes": ["node1"],
+            "packages": {f"pkg{k}": "1.0" for k in range(150)},
+        }
+        attempt_provenance_path(run.path, 1).write_text(json.dumps(env))
+        for k in (1, 2, 3):
+            append_event(run.path, {"event": "start", "attempt": k, "job_id": str(990000 + i), "time": 1.0 * k})
+            append_event(run.path, {"event": "end", "attempt": k, "exit_code": 3, "action": "requeue", "time": 2.0 * k})
 
 
 def main() -> None:
@@ -69,6 +84,10 @@ def main() -> None:
             table.add_row("seis status --json", f"{args.runs} {label}", f"{secs:.3f}")
             secs = wall([py, "-m", "seiscli", "status"], env, args.repeat)
             table.add_row("seis status (table)", f"{args.runs} {label}", f"{secs:.3f}")
+            one = f"bench-{'running' if label == 'unfinished' else 'completed'}"
+            for cmd in (["show", one], ["status", one]):
+                secs = wall([py, "-m", "seiscli", *cmd], env, args.repeat)
+                table.add_row(f"seis {cmd[0]} RUN", f"1 of {args.runs} {label}", f"{secs:.3f}")
     console = Console()
     when = time.strftime("%Y-%m-%d %H:%M")
     console.print(f"{platform.node()}, {os.cpu_count()} CPUs, {when}, median of {args.repeat} processes")

@@ -62,6 +62,9 @@ class Cluster(_Section):
     extra_sbatch: list[str] = []
     signal_seconds: int = Field(300, ge=10, description="warning before time limit or preemption")
     requeue: bool = True
+    max_retries: int = Field(
+        3, ge=0, le=100, description="requeues after a failure a restart can cure (run_layout.RETRY_CODES)"
+    )
     profile: str | None = Field(None, description="the cluster profile applied (seis --cluster NAME)")
     shared_dir: str | None = Field(None, description="filesystem every node mounts, e.g. /fsx")
     local_dir: str | None = Field(None, description="node-local scratch, e.g. /opt/dlami/nvme")

@@ -58,6 +58,28 @@ def test_light_commands_import_nothing_heavy(args: list[str], tmp_path: Path) ->
     assert mods == []
 
 
+def test_run_commands_import_nothing_heavy(tmp_path: Path) -> None:
+    """status / logs / show / rerun --dry-run of a run with provenance and a ledger: all the way through, no torch."""
+    from seiscli.launcher.provenance import write_launch_provenance
+    from seiscli.launcher.runs import create_run
+    from seiscli.recipe import load_recipe
+    from seiscli.run_layout import append_event
+
+    recipe = load_recipe("smoke", {"name": "light", "cluster.backend": "slurm"})
+    run = create_run(recipe, tmp_path / "runs")
+    write_launch_provenance(run.path, recipe)
+    (run.path / "job.sbatch").write_text("#!/bin/bash\necho hi\n")
+    (run.logs_dir / "rank-0.log").write_text("step 1\n")
+    run.update_submission(backend="slurm", script="job.sbatch", state="COMPLETED", job_id="1")
+    append_event(run.path, {"event": "start", "attempt": 1, "job_id": "1", "nodes": ["node1"], "time": 1.0})
+    append_event(run.path, {"event": "end", "attempt": 1, "job_id": "1", "exit_code": 0, "action": "done", "time": 2.0})
+    for args in (["status", "light"], ["logs", "light"], ["show", "light"], ["rerun", "light", "--dry-run"]):
+        mods, _ = imported_after(args, tmp_path)
+        assert mods == [], args
+    shown = seis("show", "light", cwd=tmp_path)
+    assert shown.returncode == 0 and "node1" in shown.stdout and "done" in shown.stdout, shown.stderr
+
+
 def test_dry_run_prints_sixteen_node_script_and_writes_nothing(tmp_path: Path) -> None:
     out = seis("launch", "pretrain", "--nodes", "16", "--dry-run", cwd=tmp_path)
     assert out.returncode == 0, out.stderr

@@ -68,7 +68,7 @@ def test_top_follows_a_two_node_job_and_errors_name_the_killed_rank(tmp_path: Pa
     runs = tmp_path / "runs"
     out = seis(
         "launch", "smoke", "--backend", "slurm", "--nodes", "2", "--steps", "5000",
-        "--set", "cluster.cpu_procs_per_node=1", "--name", "topkill", runs=runs,
+        "--set", "cluster.cpu_procs_per_node=1", "--set", "cluster.max_retries=0", "--name", "topkill", runs=runs,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     (run,) = [Run(p.parent) for p in runs.glob("topkill/*/submission.json")]
@@ -112,12 +112,12 @@ def test_top_follows_a_two_node_job_and_errors_name_the_killed_rank(tmp_path: Pa
     assert errors.returncode == 0, errors.stderr
     (attempt,) = json.loads(errors.stdout)["attempts"]
     first = attempt["first"]
-    assert (first["rank"], first["node"], first["attempt"]) == (1, "node2", 0), first
+    assert (first["rank"], first["node"], first["attempt"]) == (1, "node2", 1), first
     assert "Killed" in (first["exit"] or first["text"])
     (rank0,) = attempt["consequences"]
     assert rank0["rank"] == 0 and rank0["node"] == "node1" and rank0["kind"] in ("peer", "killed", "cancelled")
     human = seis("logs", "topkill", "--errors", runs=runs)
-    assert human.stdout.startswith("first error: rank 1 on node2, attempt 0") and "as a consequence" in human.stdout
+    assert human.stdout.startswith("first error: rank 1 on node2, attempt 1") and "as a consequence" in human.stdout
 
     found = seis("logs", "topkill", "--grep", r"task 1: Killed", runs=runs)
     assert found.returncode == 0 and f"logs/slurm-{job}.out" in found.stdout
@@ -137,22 +137,22 @@ def _write(path: Path, lines: list[str]) -> None:
 
 
 def test_first_error_across_attempts_by_time_and_peer_errors_are_consequences(tmp_path: Path) -> None:
-    """Two attempts appended to the same files, as Slurm's requeue leaves them: attempt 0 dies of rank 2's
+    """Two attempts appended to the same files, as Slurm's requeue leaves them: attempt 1 dies of rank 2's
     ValueError (its gloo-timeout peers stamped later, and one stamped *earlier* but only a peer error);
-    attempt 1 dies of a time limit."""
+    attempt 2 dies of a time limit (its batch line in the older format, without `attempt K`)."""
     logs = tmp_path / "logs"
     mark = "seis: rank {r} on {n} {w} at 2026-12-02T10:{m}+00:00 (attempt {a})"
     peer = "RuntimeError: [gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:6834"
     tb = ["Traceback (most recent call last):", '  File "trainer.py", line 1, in run']
     for r, node in enumerate(["n1", "n1", "n2", "n2"]):
-        lines = [mark.format(r=r, n=node, w="started", m="00:00", a=0), "step 1/10 loss 1.0"]
+        lines = [mark.format(r=r, n=node, w="started", m="00:00", a=1), "step 1/10 loss 1.0"]
         if r == 2:
-            lines += [*tb, "ValueError: crop outside the volume", mark.format(r=r, n=node, w="failed", m="05:01", a=0)]
+            lines += [*tb, "ValueError: crop outside the volume", mark.format(r=r, n=node, w="failed", m="05:01", a=1)]
         elif r == 3:  # a peer error stamped before the real one: still only a symptom
-            lines += [*tb, peer, mark.format(r=r, n=node, w="failed", m="05:00", a=0)]
+            lines += [*tb, peer, mark.format(r=r, n=node, w="failed", m="05:00", a=1)]
         else:
-            lines += [*tb, peer, mark.format(r=r, n=node, w="failed", m=f"05:0{2 + r}", a=0)]
-        lines += [mark.format(r=r, n=node, w="started", m="10:00", a=1), "step 1/10 loss 1.0"]
+            lines += [*tb, peer, mark.format(r=r, n=node, w="failed", m=f"05:0{2 + r}", a=1)]
+        lines += [mark.format(r=r, n=node, w="started", m="10:00", a=2), "step 1/10 loss 1.0"]
         if r == 0:
             lines.append(
                 "slurmstepd-n1: error: *** STEP 7.0 ON n1 CANCELLED AT 2026-12-02T10:40:00 DUE TO TIME LIMIT ***"
@@ -161,7 +161,7 @@ def test_first_error_across_attempts_by_time_and_peer_errors_are_consequences(tm
     _write(
         logs / "slurm-7.out",
         [
-            "seis: job 7 on n[1-2] (restart 0), rendezvous n1:20007",
+            "seis: job 7 attempt 1 on n[1-2] (restart 0), rendezvous n1:20007",
             "srun: error: n2: task 2: Exited with exit code 1",
             "srun: launch/slurm: _step_signal: Terminating StepId=7.0",
             "srun: error: n2: task 3: Exited with exit code 1",
@@ -174,7 +174,7 @@ def test_first_error_across_attempts_by_time_and_peer_errors_are_consequences(tm
     assert (a0.first.rank, a0.first.node, a0.first.text) == (2, "n2", "ValueError: crop outside the volume")
     assert a0.first.exit == "Exited with exit code 1" and a0.first.context[0].startswith("Traceback")
     assert sorted((f.rank, f.kind) for f, _ in a0.consequences) == [(0, "peer"), (1, "peer"), (3, "peer")]
-    assert a1.attempt == 1 and a1.first.kind == "cancelled" and "TIME LIMIT" in a1.first.text
+    assert (a0.attempt, a1.attempt) == (1, 2) and a1.first.kind == "cancelled" and "TIME LIMIT" in a1.first.text
 
 
 # -- EKS: the same answer from pod logs ----------------------------------------------------------------------
@@ -196,12 +196,12 @@ def test_errors_and_grep_on_eks_pod_logs(k8s: tuple[FakeApi, dict[str, str]]) ->
     api.logs[pod1] += (
         "[default3]:Traceback (most recent call last):\n"
         "[default3]:torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n"
-        "[default3]:seis: rank 11 on ip-10-1-0-2 failed at 2026-12-02T10:05:01+00:00 (attempt 0)\n"
+        "[default3]:seis: rank 11 on ip-10-1-0-2 failed at 2026-12-02T10:05:01+00:00 (attempt 1)\n"
     )
     api.logs[pod0] += (
         "[default2]:Traceback (most recent call last):\n"
         "[default2]:torch.distributed.DistBackendError: NCCL error: remote process exited\n"
-        "[default2]:seis: rank 2 on ip-10-1-0-1 failed at 2026-12-02T10:05:09+00:00 (attempt 0)\n"
+        "[default2]:seis: rank 2 on ip-10-1-0-1 failed at 2026-12-02T10:05:09+00:00 (attempt 1)\n"
     )
     errors = subprocess.run(
         [sys.executable, "-m", "seiscli", "logs", "eks-err", "--errors", "--json"],

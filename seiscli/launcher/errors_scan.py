@@ -31,7 +31,8 @@ CONTEXT_LINES = 12  # traceback lines kept with a failure
 # A rank's line as torchrun (`[default3]:`) or PyTorch's logger (`[rank3]:`) prefixes it.
 _PREFIX = re.compile(r"^\[(?:default|rank)(\d+)\]:")
 _MARK = re.compile(r"seis: rank (\d+) on (\S+) (started|failed) at (\S+) \(attempt (\d+)\)")
-_BATCH_ATTEMPT = re.compile(r"^seis: job \d+ on .*\(restart (\d+)\)")
+# `seis: job 7 attempt 2 on node[1-2] (restart 1), ...` (older scripts: no `attempt K`)
+_BATCH_ATTEMPT = re.compile(r"^seis: job \d+ (?:attempt (\d+) )?on .*\(restart (\d+)\)")
 _SRUN_TASK = re.compile(r"^srun: error: (\S+): tasks? ([\d,\-]+): (.+)$")
 _SRUN_KILLING = re.compile(r"^srun: launch/slurm: _step_signal: Terminating StepId")
 _STEPD = re.compile(r"slurmstepd(?:-\S+)?: error: \*\*\* (STEP|JOB) (\S+) ON (\S+) CANCELLED AT (\S+)(.*?)\*\*\*")
@@ -112,7 +113,7 @@ def scan_rank(lines: list[str], *, rank: int, node: str | None, file: str, year:
     """Every failure in one rank's log, one per attempt (its first error), with the attempt and time stamp
     from the trainer's `seis: rank ...` lines."""
     found: list[Failure] = []
-    attempt = 0
+    attempt = 1  # attempts count from 1, as the ledger (attempts.jsonl) numbers them
     current: Failure | None = None  # this attempt's failure so far
     tb: list[str] | None = None  # an open traceback
     last_time: float | None = None
@@ -184,12 +185,12 @@ def scan_batch(lines: list[str], *, file: str) -> tuple[list[TaskEnd], list[Fail
     """srun's task-end lines (in the order the tasks ended, per attempt) and job-level events."""
     ends: list[TaskEnd] = []
     jobs: list[Failure] = []
-    attempt, order, killing = 0, 0, False
+    attempt, order, killing = 1, 0, False
     for i, raw in enumerate(lines, 1):
         line = raw.rstrip("\n")
         m = _BATCH_ATTEMPT.match(line)
         if m:
-            attempt, order, killing = int(m.group(1)), 0, False
+            attempt, order, killing = int(m.group(1) or int(m.group(2)) + 1), 0, False
             continue
         if _SRUN_KILLING.match(line):
             killing = True
@@ -223,7 +224,7 @@ def scan_agent(lines: list[str], *, node: str | None, file: str) -> list[Failure
             code = m.group(1)
         elif (m := _TR_TIME.match(line)) and rank is not None:
             what = f"signal {-int(code)}" if code and code.startswith("-") else f"exit code {code}"
-            f = Failure(rank, node, 0, f"process ended: {what}", file=file, line=i, exit=what)
+            f = Failure(rank, node, 1, f"process ended: {what}", file=file, line=i, exit=what)
             f.time = parse_time(m.group(1).replace("_", "T"))
             found.append(f)
             rank = None
@@ -306,8 +307,40 @@ def read_lines(path: Path) -> list[str]:
 _RANK_FILE = re.compile(r"rank-(\d+)\.log$")
 
 
+def ledger_exits(run_dir: Path) -> list[Failure]:
+    """The ledger's `rank_exit` lines (seiscli/run_layout.py): a time and an exit code for every rank that exited
+    non-zero on its own; exit code 3 is the trainer's word for a communication failure."""
+    from seiscli.run_layout import EXIT_COMM, read_events
+
+    found = []
+    for e in read_events(run_dir):
+        if e.get("event") != "rank_exit" or not isinstance(e.get("rank"), int):
+            continue
+        code = e.get("exit_code")
+        kind = "peer" if code == EXIT_COMM else "error"
+        f = Failure(e["rank"], e.get("host"), int(e.get("attempt") or 1), f"exited with code {code}", kind)
+        f.time, f.file = e.get("time"), "attempts.jsonl"
+        found.append(f)
+    return found
+
+
+def with_ledger(failures: list[Failure], exits: list[Failure]) -> list[Failure]:
+    """Fill in time and node from the ledger where a rank's log did not stamp them; add ranks only it knows."""
+    by_key = {(f.attempt, f.rank): f for f in failures}
+    for e in exits:
+        f = by_key.get((e.attempt, e.rank))
+        if f is None:
+            failures.append(e)
+            continue
+        f.time = f.time if f.time is not None else e.time
+        f.node = f.node or e.node
+        if e.kind == "peer" and f.kind == "error" and f.text.startswith("srun:"):
+            f.kind = "peer"
+    return failures
+
+
 def slurm_failures(logs: Path, job_id: str | None) -> list[Failure]:
-    """Every failure recorded under a Slurm run's logs/ directory."""
+    """Every failure recorded under a Slurm run's logs/ directory (and the run's ledger beside it)."""
     failures: list[Failure] = []
     for p in logs.glob("rank-*.log"):
         m = _RANK_FILE.search(p.name)
@@ -319,7 +352,7 @@ def slurm_failures(logs: Path, job_id: str | None) -> list[Failure]:
         e, jobs = scan_batch(read_lines(p), file=str(p))
         ends += e
         failures += jobs
-    return merge(failures, ends)
+    return with_ledger(merge(failures, ends), ledger_exits(logs.parent))
 
 
 def pod_failures(pods: list[tuple[str, str | None, str]], per_node: int) -> list[Failure]:

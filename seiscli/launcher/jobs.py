@@ -212,11 +212,20 @@ def run_status_rows(
 
 def run_details(run: Run, sub: dict[str, Any], st: JobStatus) -> dict[str, Any]:
     """What `seis status RUN` adds: history, every attempt, log files, and the error line of a failure."""
-    details: dict[str, Any] = {"history": sub.get("history") or [], "attempts": []}
+    from seiscli.launcher.runinfo import attempts, code_line, image_line, launch_provenance
+
+    details: dict[str, Any] = {"history": sub.get("history") or [], "scheduler_attempts": []}
     if sub.get("backend") in SLURM_BACKENDS and sub.get("job_id"):
         from seiscli.launcher.backends.slurm import job_attempts
 
-        details["attempts"] = [a.to_json() for a in job_attempts(str(sub["job_id"]))]
+        details["scheduler_attempts"] = [a.to_json() for a in job_attempts(str(sub["job_id"]))]
+    # The attempt ledger the job wrote (seiscli/run_layout.py), ends it could not write taken from the scheduler.
+    details["attempts"] = attempts(run, details["scheduler_attempts"])
+    launch = launch_provenance(run)
+    details["code"] = code_line(launch) if launch else None
+    details["image"] = image_line(launch) if launch else None
+    for key in ("rerun_of", "resumed_from"):
+        details[key] = sub.get(key)
     details["logs"] = [str(p.relative_to(run.path)) for p in log_files(run, sub, all_ranks=True)]
     if st.state.finished and st.state != JobState.COMPLETED:
         details["error_line"] = error_line(run, sub)
@@ -307,8 +316,18 @@ def _show_detail(r: dict[str, Any], console: Console) -> None:
         for h in history:
             why = f" ({h['reason']})" if h.get("reason") else ""
             console.print(f"              {_fmt_time(h.get('at'))}  {h['state']}{why}", highlight=False)
-    attempts = r.get("attempts") or []
-    if len(attempts) > 1 or (attempts and attempts[0].get("source") != r.get("source")):
+    line("code", r.get("code"))
+    line("image", r.get("image"))
+    for key, label in (("rerun_of", "rerun of"), ("resumed_from", "resumed")):
+        if r.get(key):
+            line(label, r[key])
+    if r.get("attempts"):
+        from seiscli.launcher.runinfo import attempts_table
+
+        console.print("[bold]    attempts[/]  [dim](attempts.jsonl; `seis show` for versions and nodes)[/]")
+        console.print(attempts_table(r["attempts"]))
+    attempts = r.get("scheduler_attempts") or []
+    if not r.get("attempts") and (len(attempts) > 1 or (attempts and attempts[0].get("source") != r.get("source"))):
         console.print(f"[bold]    attempts[/]  [dim](from {attempts[0].get('source')})[/]")
         for a in attempts:
             code = f" exit {a['exit_code']}" if a.get("exit_code") is not None else ""

@@ -50,6 +50,27 @@ def resume_source(ref: str, root: str | Path | None = None) -> ResumeSource:
     return ResumeSource(run.id, ckpt_dir, found.path, found.step, found.manifest)
 
 
+@dataclass(frozen=True)
+class RerunSource:
+    """`seis rerun RUN`: the run submitted again, and its job script when it is reused as it was."""
+
+    run_id: str
+    run_path: Path
+    script: str | None  # the recorded script (None: rendered again, because overrides changed the recipe)
+
+
+def rerun_source(ref: str, root: str | Path | None, overrides: dict[str, Any]) -> tuple[Recipe, RerunSource]:
+    """RUN's recorded resolved recipe with `overrides` on top, and its recorded script when there are none."""
+    run = find_run(ref, root)
+    if not run.recipe_path.is_file():
+        raise LookupError(f"run {run.id} has no recipe.yaml to submit again")
+    recipe = load_recipe(str(run.recipe_path), overrides)
+    script_name = run.submission().get("script") or SCRIPT_NAME.get(recipe.cluster.backend, "")
+    script_path = run.path / script_name
+    script = script_path.read_text() if not overrides and script_path.is_file() else None
+    return recipe, RerunSource(run.id, run.path, script)
+
+
 @dataclass
 class LaunchPlan:
     recipe: Recipe
@@ -58,6 +79,7 @@ class LaunchPlan:
     recipe_source: Path | None = None
     notes: list[str] = field(default_factory=list)
     resume: ResumeSource | None = None
+    rerun: RerunSource | None = None
 
     @property
     def backend(self) -> str:
@@ -70,6 +92,7 @@ def plan_launch(
     *,
     recipe_source: Path | None = None,
     resume: ResumeSource | None = None,
+    rerun: RerunSource | None = None,
 ) -> LaunchPlan:
     notes: list[str] = []
     if resume is not None:
@@ -91,15 +114,34 @@ def plan_launch(
     # so that a dry run shows exactly what will be submitted.
     placeholder = base / recipe.name / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     script = render_script(recipe, placeholder)
-    return LaunchPlan(recipe=recipe, script=script, root=base, recipe_source=recipe_source, notes=notes, resume=resume)
+    if rerun is not None and rerun.script is not None:
+        script = rerun.script.replace(str(rerun.run_path), str(placeholder))
+        notes.append(f"rerun of {rerun.run_id}: its recorded job script, in a new run directory")
+    elif rerun is not None:
+        notes.append(f"rerun of {rerun.run_id}: its recorded recipe with the overrides; job script rendered again")
+    return LaunchPlan(
+        recipe=recipe, script=script, root=base, recipe_source=recipe_source, notes=notes, resume=resume, rerun=rerun
+    )
 
 
 def write_run(plan: LaunchPlan) -> Run:
+    from seiscli.launcher.provenance import write_launch_provenance
+
     run = create_run(plan.recipe, plan.root, recipe_source=plan.recipe_source)
     script = run.path / SCRIPT_NAME[plan.backend]
-    script.write_text(render_script(plan.recipe, run.path))
+    if plan.rerun is not None and plan.rerun.script is not None:
+        # The script as it ran before (templates may have changed since), pointed at the new run directory.
+        script.write_text(plan.rerun.script.replace(str(plan.rerun.run_path), str(run.path)))
+    else:
+        script.write_text(render_script(plan.recipe, run.path))
     script.chmod(0o755)
-    run.update_submission(backend=plan.backend, script=script.name)
+    prov = write_launch_provenance(run.path, plan.recipe)
+    git = prov["git"]
+    run.update_submission(backend=plan.backend, script=script.name, code_commit=git.get("commit"))
+    if git.get("dirty"):
+        run.update_submission(code_dirty=True)
+    if plan.rerun is not None:
+        run.update_submission(rerun_of=plan.rerun.run_id, rerun_script_reused=plan.rerun.script is not None)
     if plan.resume is not None:
         r = plan.resume
         run.update_submission(resumed_from=r.run_id, resume_checkpoint=str(r.checkpoint), resume_step=r.step)
@@ -122,6 +164,12 @@ def execute(plan: LaunchPlan, *, console: Console, detach: bool = False) -> int:
     console.print(f"run [bold]{run.id}[/]  job {job_id}  ({plan.backend})\n  {run.path}", highlight=False)
     if plan.recipe.logging.tensorboard is not False:
         console.print(f"  tensorboard --logdir {run.path / 'tensorboard'}", highlight=False)
+    sub = run.submission()
+    if sub.get("code_dirty"):
+        console.print(
+            f"  code {str(sub.get('code_commit'))[:12]} with uncommitted changes: recorded in provenance/git.patch",
+            highlight=False,
+        )
     if plan.backend != "local" or detach:
         return 0
     from seiscli.launcher.backends.local import LocalBackend

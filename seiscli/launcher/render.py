@@ -17,6 +17,7 @@ import yaml
 
 from seiscli import __version__
 from seiscli.recipe import PROJECT_ROOT, Recipe, RecipeError
+from seiscli.run_layout import NEVER_RETRY, RETRY_CODES
 
 TEMPLATES_DIR = PROJECT_ROOT / "templates"
 
@@ -105,6 +106,8 @@ def render_script(recipe: Recipe, run_dir: Path, *, template: str | None = None)
             recipe_path=str(run_dir / "recipe.yaml"),
             logs_dir=str(run_dir / "logs"),
             version=__version__,
+            retry_codes=RETRY_CODES,
+            never_retry=NEVER_RETRY,
             **extra,
         )
     )

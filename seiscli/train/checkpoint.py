@@ -89,6 +89,7 @@ class CheckpointManager:
         self.interval = recipe.checkpoint.interval
         self.keep = recipe.checkpoint.keep
         self.last_step: int | None = None  # the step last saved or resumed from
+        self.resumed_from: Path | None = None  # the checkpoint this attempt started from
 
     # -- collectives ---------------------------------------------------------------------------
 
@@ -223,4 +224,5 @@ class CheckpointManager:
             note = "" if same_layout else f" (saved by {found.manifest['world_size']} processes; RNG not restored)"
             print(f"resumed from {found.path} at step {step}{note}", flush=True)
         self.last_step = step
+        self.resumed_from = found.path
         return step

@@ -1,8 +1,10 @@
 """`python -m seiscli.train RECIPE.yaml --run-dir DIR`: set up, train, exit with a meaningful code.
 
-Exit codes: 0 finished (or checkpointed and requeued after SIGUSR1); 2 bad recipe or launch, or a checkpoint
-this run cannot resume from (one line on stderr says what to change); 1 any other failure (traceback, then
-one `error:` line); 128 + signal number when stopped by a signal after a clean end of step and a checkpoint
+Exit codes (seiscli/run_layout.py; the job script's retry policy acts on them): 0 finished (or checkpointed and
+requeued after SIGUSR1); 2 bad recipe or launch, or a checkpoint this run cannot resume from (one line on
+stderr says what to change); 3 a communication failure (NCCL/gloo error or timeout, a peer gone); 4 a
+data-loader worker killed (OOM killer); 1 any other failure (traceback, then one `error:` line); 128 + signal
+number when stopped by a signal after a clean end of step and a checkpoint
 (143 SIGTERM, 130 SIGINT, 138 SIGUSR1 outside Slurm).
 """
 
@@ -16,12 +18,13 @@ import traceback
 from pathlib import Path
 
 from seiscli.recipe import Recipe, RecipeError, load_recipe
+from seiscli.run_layout import EXIT_OK, EXIT_USAGE
 from seiscli.train.errors import CheckpointError, LaunchError
 from seiscli.train.failure import note_failure, note_start
+from seiscli.train.provenance import classify_exit, record_rank_exit
 from seiscli.train.signals import catch_early_usr1
 
 PROG = "python -m seiscli.train"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _error(msg: str) -> None:
@@ -58,6 +61,16 @@ def train(recipe: Recipe, run_dir: Path, started: float) -> int:
         )
         checkpoints = CheckpointManager(recipe, env, run_dir)
         start = checkpoints.resume(engine, loader)  # 0 when there is no checkpoint yet
+        from seiscli.train.provenance import record_start
+
+        record_start(
+            run_dir,
+            is_main=env.is_main,
+            distributed=env.distributed,
+            world_size=env.world_size,
+            first_step=start,
+            resumed_from=checkpoints.resumed_from,
+        )
         trainer = Trainer(recipe, env, engine, loader, plan, recipe_flops(recipe, plan), run_dir, checkpoints)
         result = trainer.run(start_step=start, started=started)
     finally:
@@ -75,12 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe)
-        return train(recipe, args.run_dir, started)
+        code = train(recipe, args.run_dir, started)
     except (RecipeError, LaunchError, CheckpointError) as e:
         _error(str(e))
-        return EXIT_USAGE
+        code = EXIT_USAGE
     except Exception as e:
         traceback.print_exc()
         _error(f"{type(e).__name__}: {e}")
         note_failure()
-        return EXIT_FAILED
+        code = classify_exit(e)
+    if code != EXIT_OK and args.run_dir.is_dir():
+        record_rank_exit(args.run_dir, code)
+    return code

@@ -14,12 +14,13 @@ from datetime import datetime, timezone
 
 
 def _attempt() -> int:
-    # Slurm counts requeues; torchrun/HyperPod count restarts of the processes.
-    for var in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"):
+    """The attempt as the ledger numbers it (SEIS_ATTEMPT from the job script, from 1); else Slurm's requeue or
+    torchrun's restart count + 1."""
+    for var, plus in (("SEIS_ATTEMPT", 0), ("SLURM_RESTART_COUNT", 1), ("TORCHELASTIC_RESTART_COUNT", 1)):
         value = os.environ.get(var, "")
         if value.isdigit():
-            return int(value)
-    return 0
+            return int(value) + plus
+    return 1
 
 
 def _note(what: str) -> None:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from seiscli.recipe import Recipe
+from seiscli.run_layout import append_event, current_attempt
 from seiscli.train.checkpoint import CheckpointManager
 from seiscli.train.distributed import DistEnv
 from seiscli.train.flops import MAEFlops, peak_flops
@@ -21,6 +22,7 @@ from seiscli.train.metrics import MetricsLog, drop_steps_after, excluded_warmup_
 from seiscli.train.model import Plan, batch_masks, patchify
 from seiscli.train.optim import lr_at
 from seiscli.train.parallel import Engine, MicroBatch
+from seiscli.train.provenance import Fault
 from seiscli.train.rank_times import RankTimes
 from seiscli.train.signals import BY_PRIORITY, StopRequest, priority
 from seiscli.train.slurm_requeue import requeue
@@ -171,6 +173,7 @@ class Trainer:
         if env.is_main:
             print(f"attention kernel: {attention} (model.attention={self.recipe.model.attention})", flush=True)
         ckpt = self.checkpoints
+        fault = Fault.from_env()
         try:
             with StopRequest() as stop:
                 batches = iter(self.loader)
@@ -180,6 +183,8 @@ class Trainer:
                     log.log(record)
                     ranks.log(record["step"], self.rank_times)
                     viewers.log(record)
+                    if fault is not None:
+                        fault.maybe(record["step"], env.rank, env.world_size, self.loader)
                     last = stop_now is not None or step == steps - 1
                     if env.is_main and (record["step"] % self.recipe.logging.interval == 0 or last):
                         self._print(record)
@@ -225,6 +230,8 @@ class Trainer:
         """Rank 0 asks Slurm to requeue the job (after the checkpoint); every rank learns the answer before any
         exits, so no early exit can end the job (srun --kill-on-bad-exit) before the requeue is in."""
         ok = requeue(rank=self.env.rank) if self.env.is_main else False
+        if ok:  # the job script's end line says "requeued", whatever srun's status as Slurm ends the attempt
+            append_event(self.run_dir, {"event": "requeued_self", "attempt": current_attempt(), "time": time.time()})
         if self.env.distributed:
             flag = torch.tensor([float(ok)], dtype=torch.float64, device=self.env.device)
             dist.broadcast(flag, src=0)
