@@ -314,7 +314,11 @@ def print_result(result: CheckResult, console: Any) -> None:
     )
     if result.exclude_file:
         n = len(result.excluded)
-        console.print(f"exclude list ({n} node(s)): {result.exclude_file}  ->  seis launch --exclude-from FILE")
+        console.print(
+            f"exclude list ({n} node(s)): {result.exclude_file}  ->  seis launch --exclude-from FILE",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def exit_code(result: CheckResult) -> int:

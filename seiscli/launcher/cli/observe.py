@@ -73,4 +73,4 @@ def report(
         path = write_report(run, output or run.path / "report.png")
     except ValueError as e:
         fail(str(e))
-    out.print(f"wrote {path}", highlight=False)
+    out.print(f"wrote {path}", highlight=False, soft_wrap=True)
