@@ -76,6 +76,17 @@ def test_ledger_lines_merge_into_attempts(tmp_path: Path) -> None:
     assert [r["rank"] for r in one["failed_ranks"]] == [1, 0]  # earliest first: rank 1 was the cause
     assert (two["restart_count"], two["nodes"], two["resumed_from"]) == (1, ["n2"], "/c/step-000005")
     assert two["end_time"] is None and two["step_restarts"] == 1
+    # Readers fill an end the job script could not write: from the scheduler's record of that attempt, or
+    # (no job script: local runs) from the run's final state.
+    from seiscli.launcher.runinfo import attempts
+
+    run = Run(tmp_path)
+    sched = [{"state": "REQUEUED"}, {"state": "NODE_FAIL", "end_time": 30.0, "exit_code": 0, "source": "sacct"}]
+    assert attempts(run, sched)[1]["action"] == "NODE_FAIL" and attempts(run, sched)[1]["end_time"] == 30.0
+    (tmp_path / "metrics.jsonl").write_text('{"step": 9}\n')
+    done = attempts(run, None, {"state": "COMPLETED", "exit_code": 0})[1]
+    assert (done["action"], done["exit_code"], done["last_step"]) == ("COMPLETED", 0, 9)
+    assert attempts(run, None, {"state": "RUNNING"})[1]["action"] is None
 
 
 def test_retry_reason_follows_the_readme_table() -> None:
@@ -162,18 +173,24 @@ def _release_when_requeued(run: Run, timeout: float = 300) -> None:
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_retry_policy_by_exit_code_on_real_jobs(tmp_path: Path) -> None:
-    """Four jobs at once: a communication failure is requeued and the next attempt resumes from the checkpoint;
+    """Five jobs at once: a communication failure is requeued and the next attempt resumes from the checkpoint;
     a killed loader worker and a SIGKILLed rank are retryable but cluster.max_retries=0 stops them; a recipe
-    the trainer rejects (exit 2) is never retried."""
+    the trainer rejects (exit 2) is never retried; Slurm's USR1 warning makes the trainer requeue itself, which
+    the ledger records as such (not a failure)."""
     runs = tmp_path / "runs"
-    comm = _launch(runs, "f-comm", "--set", "checkpoint.interval=1", "--set", "cluster.max_retries=2", fault="comm@2")
-    loader = _launch(runs, "f-loader", "--set", "data.workers=1", "--set", "cluster.max_retries=0", fault="loader@2")
-    kill = _launch(runs, "f-kill", "--set", "cluster.max_retries=0", fault="kill@2")
-    config = _launch(runs, "f-config", "--set", "model.attention=cudnn")  # valid recipe; the CPU trainer refuses
-    # Slurm's USR1 warning 50 s before a one-minute limit: the trainer checkpoints and requeues itself.
-    usr1 = _launch(runs, "usr1", "--steps", "100000", *_sets("cluster.time_limit=1", "cluster.signal_seconds=50"))
-    jobs = (comm, loader, kill, config, usr1)
+    jobs: list[Run] = []
+
+    def launch(name: str, *args: str, fault: str | None = None) -> Run:
+        jobs.append(_launch(runs, name, *args, fault=fault))
+        return jobs[-1]
+
     try:
+        comm = launch("f-comm", *_sets("checkpoint.interval=1", "cluster.max_retries=2"), fault="comm@2")
+        loader = launch("f-loader", *_sets("data.workers=1", "cluster.max_retries=0"), fault="loader@2")
+        kill = launch("f-kill", *_sets("cluster.max_retries=0"), fault="kill@2")
+        config = launch("f-config", *_sets("model.attention=cudnn"))  # a valid recipe the CPU trainer refuses
+        # Slurm's USR1 warning 50 s before a one-minute limit: the trainer checkpoints and requeues itself.
+        usr1 = launch("usr1", "--steps", "100000", *_sets('cluster.time_limit="1"', "cluster.signal_seconds=50"))
         _release_when_requeued(comm)
         _release_when_requeued(usr1)
         for run in (comm, loader, kill, config):

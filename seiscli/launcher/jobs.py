@@ -220,7 +220,7 @@ def run_details(run: Run, sub: dict[str, Any], st: JobStatus) -> dict[str, Any]:
 
         details["scheduler_attempts"] = [a.to_json() for a in job_attempts(str(sub["job_id"]))]
     # The attempt ledger the job wrote (seiscli/run_layout.py), ends it could not write taken from the scheduler.
-    details["attempts"] = attempts(run, details["scheduler_attempts"])
+    details["attempts"] = attempts(run, details["scheduler_attempts"], {"state": st.state.value} | _end(st))
     launch = launch_provenance(run)
     details["code"] = code_line(launch) if launch else None
     details["image"] = image_line(launch) if launch else None
@@ -230,6 +230,10 @@ def run_details(run: Run, sub: dict[str, Any], st: JobStatus) -> dict[str, Any]:
     if st.state.finished and st.state != JobState.COMPLETED:
         details["error_line"] = error_line(run, sub)
     return details
+
+
+def _end(st: JobStatus) -> dict[str, Any]:
+    return {"exit_code": st.exit_code, "signal": st.signal}
 
 
 def _fmt_elapsed(s: float | None) -> str:

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from seiscli.launcher.backends.base import JobState
 from seiscli.launcher.runs import Run
 from seiscli.run_layout import (
     LAUNCH_PROVENANCE,
@@ -23,10 +24,29 @@ from seiscli.run_layout import (
 ENV_KEYS = ("node", "nodes", "python", "torch", "cuda", "cudnn", "nccl", "driver", "gpus", "git_commit", "container")
 
 
-def attempts(run: Run, scheduler: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def attempts(
+    run: Run, scheduler: list[dict[str, Any]] | None = None, sub: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """The ledger's attempts; an attempt whose job script could not write its end (killed: node lost, time
-    limit) takes the end from the scheduler's record of that attempt, where there is one."""
+    limit) takes the end from the scheduler's record of that attempt, where there is one; the last attempt of a
+    finished run without an end line (a local run: no job script writes one) takes the run's final state."""
     rows = read_attempts(run.path)
+    _fill_from_scheduler(rows, scheduler)
+    sub = sub or {}
+    try:
+        finished = JobState(sub.get("state") or "UNKNOWN").finished
+    except ValueError:
+        finished = False
+    if rows and rows[-1]["end_time"] is None and finished:
+        last = rows[-1]
+        last |= {"exit_code": sub.get("exit_code"), "signal": sub.get("signal"), "action": sub["state"]}
+        last["why"] = "no end line in the ledger; the run's final state"
+        if last["last_step"] is None:
+            last["last_step"] = run.last_metrics().get("step")
+    return rows
+
+
+def _fill_from_scheduler(rows: list[dict[str, Any]], scheduler: list[dict[str, Any]] | None) -> None:
     sched = scheduler or []
     for row in rows:
         i = row["attempt"] - 1
@@ -41,7 +61,6 @@ def attempts(run: Run, scheduler: list[dict[str, Any]] | None = None) -> list[di
                 "action": s.get("state"),
                 "why": f"no end line from the job script; state from {s.get('source')}",
             }
-    return rows
 
 
 def launch_provenance(run: Run) -> dict[str, Any]:
@@ -50,7 +69,7 @@ def launch_provenance(run: Run) -> dict[str, Any]:
 
 def run_info(run: Run, sub: dict[str, Any], *, scheduler: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Everything `seis show` prints, as JSON (`sub`: the run's submission record, state refreshed)."""
-    rows = attempts(run, scheduler)
+    rows = attempts(run, scheduler, sub)
     envs = {}
     for row in rows:
         env = read_json(attempt_provenance_path(run.path, row["attempt"]))
