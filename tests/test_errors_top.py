@@ -177,6 +177,45 @@ def test_first_error_across_attempts_by_time_and_peer_errors_are_consequences(tm
     assert (a0.attempt, a1.attempt) == (1, 2) and a1.first.kind == "cancelled" and "TIME LIMIT" in a1.first.text
 
 
+TORCHRUN_SUMMARY = """\
+[default0]:Traceback (most recent call last):
+[default0]:RuntimeError: [gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:52390.
+[default0]:python -m seiscli.train: error: RuntimeError: [gloo/transport/tcp/pair.cc:553] Connection closed by peer
+[default0]:seis: rank 0 on vm failed at 2026-12-02T15:12:41.347685+00:00 (attempt 1)
+E1202 15:12:41.723000 30650 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: -9) local_rank: 1
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+seiscli.train FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-12-02_15:12:41
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : 3 (pid: 30919)
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-02_15:12:41
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 30920)  (SIGKILL)
+  traceback : Signal 9 (SIGKILL) received by PID 30920
+============================================================
+"""
+
+
+def test_torchrun_summary_names_the_killed_rank_and_the_peer_error_follows() -> None:
+    """What torchrun printed (job.out of a local run whose rank 1 was SIGKILLed: the SEIS_FAULT=kill hook)."""
+    from seiscli.launcher.errors_scan import pod_failures
+
+    (a,) = classify(pod_failures([("job.out", "vm", TORCHRUN_SUMMARY)], per_node=2))
+    assert (a.first.rank, a.first.exit, a.first.kind) == (1, "signal 9", "error")
+    ((rank0, why),) = a.consequences
+    assert rank0.rank == 0 and rank0.kind == "peer" and rank0.exit == "exit code 3" and "peer" in why
+    assert rank0.text.startswith("RuntimeError") and rank0.time is not None  # its own words, the agent's exit
+
+
 # -- EKS: the same answer from pod logs ----------------------------------------------------------------------
 
 

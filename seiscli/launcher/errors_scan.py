@@ -212,22 +212,30 @@ def scan_batch(lines: list[str], *, file: str) -> tuple[list[TaskEnd], list[Fail
 
 
 def scan_agent(lines: list[str], *, node: str | None, file: str) -> list[Failure]:
-    """torchrun's ChildFailedError summary: rank, exit code and time of each failed child process."""
+    """torchrun's ChildFailedError summary: one block per failed child (`[k]:` then time, host, rank, exitcode)."""
     found: list[Failure] = []
-    rank: int | None = None
-    code: str | None = None
+    block: dict[str, str] = {}
+
+    def emit(i: int) -> None:
+        if "rank" in block and "exit" in block:
+            code = block["exit"]
+            what = f"signal {-int(code)}" if code.startswith("-") else f"exit code {code}"
+            f = Failure(int(block["rank"]), node, 1, f"process ended: {what}", file=file, line=i, exit=what)
+            f.time = parse_time(block.get("time", "").replace("_", "T"))
+            found.append(f)
+        block.clear()
+
     for i, raw in enumerate(lines, 1):
         line = raw.rstrip("\n")
-        if m := _TR_RANK.match(line):
-            rank, code = int(m.group(1)), None
-        elif (m := _TR_EXIT.match(line)) and rank is not None:
-            code = m.group(1)
-        elif (m := _TR_TIME.match(line)) and rank is not None:
-            what = f"signal {-int(code)}" if code and code.startswith("-") else f"exit code {code}"
-            f = Failure(rank, node, 1, f"process ended: {what}", file=file, line=i, exit=what)
-            f.time = parse_time(m.group(1).replace("_", "T"))
-            found.append(f)
-            rank = None
+        if re.match(r"^\[\d+\]:\s*$", line) or line.startswith(("====", "----")):
+            emit(i)
+        elif m := _TR_RANK.match(line):
+            block["rank"] = m.group(1)
+        elif m := _TR_EXIT.match(line):
+            block["exit"] = m.group(1)
+        elif m := _TR_TIME.match(line):
+            block["time"] = m.group(1)
+    emit(len(lines))
     return found
 
 
@@ -250,8 +258,17 @@ def merge(failures: Iterable[Failure], ends: Iterable[TaskEnd]) -> list[Failure]
             continue
         key = (f.attempt, f.rank)
         old = by_key.get(key)
-        if old is None or (old.time or float("inf")) > (f.time or float("inf")):
+        if old is None:
             by_key[key] = f
+            continue
+        # The rank's own words win over a launcher's summary of how it ended; that summary fills the gaps.
+        own, other = (f, old) if old.text.startswith("process ended:") else (old, f)
+        if own is old and not f.text.startswith("process ended:") and (f.time or 1e300) < (old.time or 1e300):
+            own, other = f, old  # two errors of the rank itself: the earlier one
+        own.exit = own.exit or other.exit
+        own.time = own.time if own.time is not None else other.time
+        own.node = own.node or other.node
+        by_key[key] = own
     for e in ends:
         f = by_key.get((e.attempt, e.rank))
         if f is None:

@@ -12,6 +12,7 @@ from seiscli.launcher.errors_scan import (
     Failure,
     classify,
     grep_lines,
+    ledger_exits,
     merge,
     pod_failures,
     read_lines,
@@ -19,6 +20,7 @@ from seiscli.launcher.errors_scan import (
     scan_rank,
     slurm_failures,
     strip_prefix,
+    with_ledger,
 )
 from seiscli.launcher.runs import Run
 
@@ -38,13 +40,13 @@ def _pods(run: Run) -> list[tuple[str, str | None, str]]:
 def run_failures(run: Run) -> list[Failure]:
     sub = run.submission()
     if sub.get("backend") == "hyperpod-eks":
-        return pod_failures(_pods(run), _per_node(run))
+        return with_ledger(pod_failures(_pods(run), _per_node(run)), ledger_exits(run.path))
     if sub.get("backend") == "local":
         found: list[Failure] = []
         for p in sorted(run.logs_dir.glob("ranks/*/attempt_*/*/std*.log")):
             found += scan_rank(read_lines(p), rank=int(p.parent.name), node=None, file=str(p))
         found += scan_agent(read_lines(run.logs_dir / "job.out"), node=None, file=str(run.logs_dir / "job.out"))
-        return merge(found, [])
+        return with_ledger(merge(found, []), ledger_exits(run.path))
     return slurm_failures(run.logs_dir, sub.get("job_id"))
 
 
