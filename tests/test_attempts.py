@@ -216,8 +216,10 @@ def test_retry_policy_by_exit_code_on_real_jobs(tmp_path: Path) -> None:
         (a,) = read_attempts(loader.path)
         assert (a["exit_code"], a["action"]) == (EXIT_LOADER, "stop") and "max_retries=0 reached" in a["why"]
         (a,) = read_attempts(kill.path)
-        # The killed rank records nothing; its peer's broken connection (3) or srun's signal status remains.
-        assert a["action"] == "stop" and retry_reason(a["exit_code"]) and "max_retries=0 reached" in a["why"]
+        # The killed rank records nothing and its peer fails with a broken connection (3): srun's report of the
+        # killed task makes the signal the cause.
+        assert (a["exit_code"], a["action"]) == (128 + signal.SIGKILL, "stop") and "signal 9" in a["why"]
+        assert [r["exit_code"] for r in a["failed_ranks"]] in ([EXIT_COMM], [])  # rank 0 only followed it
         (a,) = read_attempts(config.path)
         assert (a["exit_code"], a["action"], a["why"]) == (2, "stop", "configuration error")
         row = status_json(runs, config.id)

@@ -17,7 +17,7 @@ import yaml
 
 from seiscli import __version__
 from seiscli.recipe import PROJECT_ROOT, Recipe, RecipeError
-from seiscli.run_layout import NEVER_RETRY, RETRY_CODES
+from seiscli.run_layout import EXIT_COMM, NEVER_RETRY, RETRY_CODES
 
 TEMPLATES_DIR = PROJECT_ROOT / "templates"
 
@@ -108,6 +108,7 @@ def render_script(recipe: Recipe, run_dir: Path, *, template: str | None = None)
             version=__version__,
             retry_codes=RETRY_CODES,
             never_retry=NEVER_RETRY,
+            exit_comm=EXIT_COMM,
             **extra,
         )
     )

@@ -144,11 +144,14 @@ def record_start(
     nodes = list(dict.fromkeys(ranks))
     attempt = current_attempt()
     path = attempt_provenance_path(run_dir, attempt)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    info = environment(nodes) | {"attempt": attempt, "rank_hosts": ranks}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        info = environment(nodes) | {"attempt": attempt, "rank_hosts": ranks}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        tmp.replace(path)
+    except Exception as e:  # a record of the run must never stop the run
+        print(f"seis: warning: could not write {path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     append_event(
         run_dir,
         {
