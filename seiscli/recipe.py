@@ -264,8 +264,24 @@ class Checkpoint(_Section):
         return v
 
 
+class Wandb(_Section):
+    project: str = Field(..., min_length=1)
+    entity: str | None = None
+    mode: Literal["online", "offline"] = "online"  # offline: files under <run dir>/wandb, `wandb sync` later
+
+
+class Mlflow(_Section):
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else file:<run dir>/mlruns
+    experiment: str = "seis"
+
+
 class Logging(_Section):
     interval: int = Field(10, ge=1)
+    # Extra viewers, written by rank 0 beside metrics.jsonl (which stays what seis itself reads).
+    # tensorboard: None = where the package is installed, true = required (exit 2 without it), false = off.
+    tensorboard: bool | None = None
+    wandb: Wandb | None = None  # set to log to Weights & Biases (the job's environment needs `wandb`)
+    mlflow: Mlflow | None = None  # set to log to MLflow (the job's environment needs `mlflow`)
 
 
 class Recipe(_Section):

@@ -340,6 +340,8 @@ def _show_detail(r: dict[str, Any], console: Console) -> None:
                 highlight=False,
             )
     line("logs", "  ".join(r.get("logs") or []))
+    if Path(r["path"], "tensorboard").is_dir():
+        line("tensorboard", f"tensorboard --logdir {Path(r['path'], 'tensorboard')}")
 
 
 def _escape(text: str) -> str:

@@ -162,6 +162,8 @@ def execute(plan: LaunchPlan, *, console: Console, detach: bool = False) -> int:
         console.print(f"[bold red]submission failed:[/] {e}\nrun directory kept for inspection: {run.path}")
         return 1
     console.print(f"run [bold]{run.id}[/]  job {job_id}  ({plan.backend})\n  {run.path}", highlight=False)
+    if plan.recipe.logging.tensorboard is not False:
+        console.print(f"  tensorboard --logdir {run.path / 'tensorboard'}", highlight=False)
     sub = run.submission()
     if sub.get("code_dirty"):
         console.print(

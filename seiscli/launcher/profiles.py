@@ -49,6 +49,21 @@ class EksProfile(_Strict):
     max_retries: int | None = Field(None, ge=0)
 
 
+class NcclCheck(_Strict):
+    """`seis doctor --nccl`: the all-reduce bus bandwidth a healthy node (pair) of this instance type reaches, and
+    how the check runs. Measure the baselines once on known-good nodes (`seis doctor --nccl --json`)."""
+
+    intra_node_busbw_gbps: float | None = Field(None, gt=0)
+    inter_node_busbw_gbps: float | None = Field(None, gt=0)
+    slow_fraction: float = Field(0.8, gt=0, lt=1, description="below this share of a baseline: slow")
+    message_mb: float = Field(256, gt=0)
+    iters: int = Field(20, ge=1)
+    backend: Literal["nccl", "gloo"] | None = None  # default: nccl on GPU nodes, gloo on CPU ones
+    procs_per_node: int = Field(2, ge=1, le=64, description="processes per node where gpus_per_node is 0")
+    timeout_s: int = Field(120, ge=5)
+    time_limit: str = "00:20:00"
+
+
 class ClusterProfile(_Strict):
     name: str = ""
     description: str = ""
@@ -71,6 +86,7 @@ class ClusterProfile(_Strict):
     extra_sbatch: list[str] | None = None
     env: dict[str, str] = {}
     eks: EksProfile = EksProfile()
+    nccl_check: NcclCheck = NcclCheck()
 
     def cluster_values(self) -> dict[str, Any]:
         """The recipe `cluster` keys this profile supplies (None = supplies nothing)."""

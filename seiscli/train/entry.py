@@ -20,6 +20,7 @@ from pathlib import Path
 from seiscli.recipe import Recipe, RecipeError, load_recipe
 from seiscli.run_layout import EXIT_OK, EXIT_USAGE
 from seiscli.train.errors import CheckpointError, LaunchError
+from seiscli.train.failure import note_failure, note_start
 from seiscli.train.provenance import classify_exit, record_rank_exit
 from seiscli.train.signals import catch_early_usr1
 
@@ -31,6 +32,7 @@ def _error(msg: str) -> None:
 
 
 def train(recipe: Recipe, run_dir: Path, started: float) -> int:
+    note_start()
     # torch is imported here, after the recipe was read, so a bad recipe fails in a fraction of a second.
     from seiscli.train import distributed
     from seiscli.train.checkpoint import CheckpointManager
@@ -38,7 +40,9 @@ def train(recipe: Recipe, run_dir: Path, started: float) -> int:
     from seiscli.train.model import build_model, plan_for
     from seiscli.train.parallel import build_engine
     from seiscli.train.trainer import Trainer
+    from seiscli.train.viewers import check_viewers
 
+    check_viewers(recipe)  # a viewer the recipe asks for but the environment lacks: exit 2 before any work
     plan = plan_for(recipe)
     env = distributed.setup(recipe)
     try:
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         traceback.print_exc()
         _error(f"{type(e).__name__}: {e}")
+        note_failure()
         code = classify_exit(e)
     if code != EXIT_OK and args.run_dir.is_dir():
         record_rank_exit(args.run_dir, code)

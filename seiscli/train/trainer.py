@@ -23,8 +23,10 @@ from seiscli.train.model import Plan, batch_masks, patchify
 from seiscli.train.optim import lr_at
 from seiscli.train.parallel import Engine, MicroBatch
 from seiscli.train.provenance import Fault
+from seiscli.train.rank_times import RankTimes
 from seiscli.train.signals import BY_PRIORITY, StopRequest, priority
 from seiscli.train.slurm_requeue import requeue
+from seiscli.train.viewers import Viewers
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Trainer:
         # Global masked-patch count of one optimizer step: every rank divides its local sum by it.
         self.loss_scale = 1.0 / (self.global_batch * plan.masked)
         self.peak = peak_flops(device_name(env.device)) if t.precision == "bf16" else None
+        self.rank_times: list[float] = []
 
     def sample_ids(self, accum: int) -> list[int]:
         """Index of each local sample within the step's global batch (the same on all ranks of a cp group)."""
@@ -118,6 +121,7 @@ class Trainer:
         global_loss = sum(r[0] for r in per_rank)
         stop_code = int(max(r[1] for r in per_rank))
         times = [r[2] for r in per_rank]
+        self.rank_times = times  # for rank_times.jsonl (seis top's stragglers)
         dt = time.perf_counter() - t0
         sps = self.global_batch / dt
         record: dict[str, Any] = {
@@ -158,6 +162,9 @@ class Trainer:
         if env.is_main and start_step > 0:
             drop_steps_after(self.run_dir, start_step)  # steps past the checkpoint are done again
         log = MetricsLog(self.run_dir if env.is_main else None, skip=excluded_warmup_steps(steps - start_step))
+        ranks = RankTimes(self.run_dir, env, self.recipe.logging.interval)
+        run_id = f"{self.run_dir.parent.name}/{self.run_dir.name}"
+        viewers = Viewers(self.recipe, self.run_dir, is_main=env.is_main, start_step=start_step, run_id=run_id)
         stopped: int | None = None
         requeued = False
         status = "failed"
@@ -174,6 +181,8 @@ class Trainer:
                 for step in range(start_step, steps):
                     record, stop_now = self.train_step(batches, step, stop)
                     log.log(record)
+                    ranks.log(record["step"], self.rank_times)
+                    viewers.log(record)
                     if fault is not None:
                         fault.maybe(record["step"], env.rank, env.world_size, self.loader)
                     last = stop_now is not None or step == steps - 1
@@ -211,6 +220,8 @@ class Trainer:
                 wall_time_s=time.perf_counter() - t_start,
             )
             log.close()
+            ranks.close()
+            viewers.close()
             if env.is_main:
                 write_summary(self.run_dir, summary)
         return RunResult(steps=log.steps, signal=stopped, summary=summary, requeued=requeued)

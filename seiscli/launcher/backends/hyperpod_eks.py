@@ -228,6 +228,21 @@ class HyperPodEksBackend:
         items = [api.sanitize_for_serialization(p) for p in pods.items]
         return sorted(items, key=lambda p: p["metadata"]["name"])
 
+    def pod_logs(self, run: Run) -> list[tuple[str, str | None, str]]:
+        """(pod name, node, whole log) of every pod of the job, in pod order (`seis logs --errors/--grep`)."""
+        ns, _, context = _job_ref(run)
+        client, api = _kube(context)
+        core = client.CoreV1Api(api)
+        found = []
+        for pod in self._pods(run):
+            name = pod["metadata"]["name"]
+            try:
+                resp = core.read_namespaced_pod_log(name, ns, _preload_content=False)
+            except client.ApiException as e:
+                raise RuntimeError(f"logs of pod {name}: {_api_error(e)}") from None
+            found.append((name, pod.get("spec", {}).get("nodeName"), resp.data.decode(errors="replace")))
+        return found
+
     def show_logs(
         self,
         run: Run,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -82,11 +83,23 @@ def logs(
     rank: Annotated[int | None, typer.Option("--rank", help="Only this rank's output.")] = None,
     node: Annotated[str | None, typer.Option("--node", help="Only the ranks that ran on this node.")] = None,
     tail: Annotated[int | None, typer.Option("--tail", help="Start from the last K lines of each file.")] = None,
+    errors: Annotated[
+        bool,
+        typer.Option("--errors", help="The first error across all ranks and attempts, then the ranks it took down."),
+    ] = False,
+    grep: Annotated[
+        str | None, typer.Option("--grep", help="Lines matching this regular expression, in every rank's log.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="With --errors: machine-readable output.")] = False,
     runs_dir: RunsDir = None,
 ) -> None:
-    """A run's output: the job's log and rank 0 (or one rank, or one node's ranks)."""
+    """A run's output: the job's log and rank 0 (or one rank, or one node's ranks); or its first error (--errors)."""
     from seiscli.launcher.jobs import show_logs
 
+    if errors or grep is not None:
+        raise typer.Exit(_scan_logs(ref, runs_dir, errors=errors, grep=grep, as_json=as_json, follow=follow))
+    if as_json:
+        fail("--json: only with --errors")
     if _eks_logs(ref, runs_dir, follow=follow, rank=rank, node=node, tail=tail):
         return
     try:
@@ -116,3 +129,32 @@ def _eks_logs(ref: str, runs_dir: Path | None, **kw: Any) -> bool:
     except KeyboardInterrupt:
         code = 130
     raise typer.Exit(code)
+
+
+def _scan_logs(ref: str, runs_dir: Path | None, *, errors: bool, grep: str | None, as_json: bool, follow: bool) -> int:
+    from seiscli.launcher.errors_view import print_errors, print_grep
+    from seiscli.launcher.runs import find_run
+
+    if errors and grep is not None:
+        fail("--errors and --grep: give one of them")
+    if follow:
+        fail("--follow: not with --errors or --grep (they read the logs as they are)")
+    if as_json and not errors:
+        fail("--json: only with --errors")
+    if grep is not None:
+        try:
+            re.compile(grep)
+        except re.error as e:
+            fail(f"--grep {grep!r}: not a regular expression ({e})")
+    try:
+        run = find_run(ref, runs_dir)
+    except LookupError as e:
+        fail(str(e))
+    try:
+        if errors:
+            return print_errors(run, sys.stdout, as_json=as_json)
+        return print_grep(run, re.compile(grep or ""), sys.stdout)
+    except typer.Exit:
+        raise
+    except RuntimeError as e:  # the Kubernetes API refused or is unreachable
+        fail(str(e), 1)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
@@ -24,7 +25,7 @@ from seiscli.launcher.cli.common import (
     print_script,
     resolve_for_cluster,
 )
-from seiscli.recipe import RecipeError, find_recipe
+from seiscli.recipe import Recipe, RecipeError, find_recipe
 
 
 @app.command()
@@ -77,6 +78,14 @@ def launch(
             "the new run reads and writes RUN's checkpoint directory.",
         ),
     ] = None,
+    exclude_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--exclude-from",
+            help="Keep the job off the nodes listed in FILE (one per line, e.g. from `seis doctor --nccl`): "
+            "#SBATCH --exclude.",
+        ),
+    ] = None,
 ) -> None:
     """Render the recipe's job script, submit it and record a run directory."""
     from seiscli.launcher.launch import execute, plan_launch, resume_source
@@ -93,6 +102,8 @@ def launch(
         sets.append(f"checkpoint.dir={json.dumps(str(source.checkpoint_dir))}")  # JSON is YAML: any path reads back
     kw = {"nodes": nodes, "strategy": strategy, "zero_stage": zero_stage, "cp": cp, "steps": steps, "name": name}
     r = resolve_for_cluster(recipe, cluster, sets=sets, **kw)
+    if exclude_from is not None:
+        r = _with_exclude(r, exclude_from, recipe, cluster, sets, kw)
     try:
         plan = plan_launch(r, runs_dir, recipe_source=find_recipe(recipe), resume=source)
     except RecipeError as e:
@@ -104,3 +115,23 @@ def launch(
         return
     code = execute(plan, console=out, detach=detach)
     raise typer.Exit(code)
+
+
+def _with_exclude(
+    r: Recipe, path: Path, recipe: str, cluster: str | None, sets: list[str], kw: dict[str, Any]
+) -> Recipe:
+    """The recipe again, with `--exclude=<nodes>` added to cluster.extra_sbatch (so recipe.yaml records it)."""
+    from seiscli.launcher.nccl_check import read_exclude
+
+    if r.cluster.backend not in ("slurm", "hyperpod-slurm"):
+        fail(f"--exclude-from: only for Slurm backends (this run's is {r.cluster.backend})")
+    try:
+        names = read_exclude(path)
+    except RecipeError as e:
+        fail(str(e))
+    if not names:
+        return r
+    if any(x.startswith(("--exclude", "-x")) for x in r.cluster.extra_sbatch):
+        fail("--exclude-from: cluster.extra_sbatch already has an --exclude; keep one of them")
+    lines = [*r.cluster.extra_sbatch, f"--exclude={','.join(names)}"]
+    return resolve_for_cluster(recipe, cluster, sets=[*sets, f"cluster.extra_sbatch={json.dumps(lines)}"], **kw)
