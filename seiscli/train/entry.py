@@ -45,6 +45,7 @@ def train(recipe: Recipe, run_dir: Path, started: float) -> int:
     check_viewers(recipe)  # a viewer the recipe asks for but the environment lacks: exit 2 before any work
     plan = plan_for(recipe)
     env = distributed.setup(recipe)
+    code = EXIT_OK
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         model = build_model(recipe, env.device)
@@ -73,10 +74,28 @@ def train(recipe: Recipe, run_dir: Path, started: float) -> int:
         )
         trainer = Trainer(recipe, env, engine, loader, plan, recipe_flops(recipe, plan), run_dir, checkpoints)
         result = trainer.run(start_step=start, started=started)
+        # Requeued: Slurm ends this attempt and starts the job again, which resumes from the checkpoint.
+        code = EXIT_OK if result.signal is None or result.requeued else 128 + result.signal
+    except Exception as e:
+        code = _failure_code(e)
     finally:
+        # The exit is recorded before the process group goes: a peer that then fails on the broken group must
+        # not be recorded first, or the ledger would name the consequence as the cause.
+        if code != EXIT_OK:
+            record_rank_exit(run_dir, code)
         distributed.teardown()
-    # Requeued: Slurm ends this attempt and starts the job again, which resumes from the checkpoint.
-    return EXIT_OK if result.signal is None or result.requeued else 128 + result.signal
+    return code
+
+
+def _failure_code(e: Exception) -> int:
+    """Report an exception on stderr and map it to the exit code the job script's retry policy reads."""
+    if isinstance(e, (RecipeError, LaunchError, CheckpointError)):
+        _error(str(e))
+        return EXIT_USAGE
+    traceback.print_exc()
+    _error(f"{type(e).__name__}: {e}")
+    note_failure()
+    return classify_exit(e)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,15 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe)
-        code = train(recipe, args.run_dir, started)
-    except (RecipeError, LaunchError, CheckpointError) as e:
-        _error(str(e))
-        code = EXIT_USAGE
-    except Exception as e:
-        traceback.print_exc()
-        _error(f"{type(e).__name__}: {e}")
-        note_failure()
-        code = classify_exit(e)
-    if code != EXIT_OK and args.run_dir.is_dir():
-        record_rank_exit(args.run_dir, code)
-    return code
+        return train(recipe, args.run_dir, started)  # records its own failures
+    except Exception as e:  # before the process group exists: the recipe, the viewers, the rendezvous
+        code = _failure_code(e)
+        if args.run_dir.is_dir():
+            record_rank_exit(args.run_dir, code)
+        return code
