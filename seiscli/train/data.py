@@ -222,9 +222,9 @@ class CropDataset(Dataset[tuple[torch.Tensor, BatchReport]]):
             self._cum = self._cum_weights()
 
     def sample_digest(self, spec: CropSpec, index: int) -> int:
-        """What the ranks of a CP group must agree on for sample `index`."""
-        uri = self.volumes[spec.volume].uri
-        return digest(index, uri, spec.origin, spec.flip_z, spec.flip_y, spec.transpose)
+        """What the ranks of a CP group must agree on for sample `index` (their volume lists were compared when
+        the loaders were built, so the volume's index names it)."""
+        return digest(index, spec.volume, spec.origin, spec.flip_z, spec.flip_y, spec.transpose)
 
     def spec(self, index: int) -> CropSpec:
         """Where sample `index` of this rank comes from; crops below min_live_fraction are redrawn."""
@@ -665,6 +665,16 @@ def _volumes(recipe: Recipe, sync: DataSync | None = None) -> list[Volume]:
     return volumes
 
 
+def _check_same_volumes(sync: DataSync, volumes: list[Volume], *, synthetic: bool) -> None:
+    """Every rank opened the same volumes with the same shapes and weights (the synthetic cache's path may
+    differ between nodes, so it is not part of its identity)."""
+    names = ", ".join(v.uri for v in volumes[:3]) + (", ..." if len(volumes) > 3 else "")
+    sync.check_same(
+        digest(*(("" if synthetic else v.uri, v.shape, _weight(v)) for v in volumes)),
+        f"the volumes to train on ({names}): a volume changed while the ranks opened it",
+    )
+
+
 def check_cp(recipe: Recipe, cp_size: int) -> None:
     """Slabs are whole planes of patches: the crop's patch grid along z must split into cp_size parts."""
     gz = recipe.grid[0]
@@ -699,13 +709,7 @@ def build_loader(
         sync = DataSync.create(cp_size)
     volumes = _volumes(recipe, sync)
     if sync is not None:
-        sync.check_same(
-            digest(*((v.uri, v.shape, _weight(v)) for v in volumes)),
-            "the volumes to train on ("
-            + ", ".join(v.uri for v in volumes[:3])
-            + (", ..." if len(volumes) > 3 else "")
-            + "): a volume changed while the ranks opened it",
-        )
+        _check_same_volumes(sync, volumes, synthetic=data.source == "synthetic")
     dataset = CropDataset(
         volumes,
         crop=tuple(data.crop),  # type: ignore[arg-type]
