@@ -34,12 +34,14 @@ def _end_step(loader: Any) -> None:
         end_step()
 
 
-def _cp_stream(rank: int, world: int, recipes: list[dict], batches: int, out: str) -> Any:
-    """cp=2 (one group): each rank's slabs of `batches` micro-batches, two micro-batches a step."""
+def _cp_stream(rank: int, world: int, recipes: list[dict], batches: int, out: str, cp: int = 2) -> Any:
+    """Each rank's slabs of `batches` micro-batches, two micro-batches a step (cp=world: one group)."""
     torch.set_num_threads(1)
     from seiscli.recipe import validate
 
-    loader = build_loader(validate(recipes[rank]), dp_rank=0, dp_size=1, device=CPU, cp_rank=rank, cp_size=world)
+    dp, dp_rank, cp_rank = world // cp, rank // cp, rank % cp
+    recipe_ = validate(recipes[rank])
+    loader = build_loader(recipe_, dp_rank=dp_rank, dp_size=dp, device=CPU, cp_rank=cp_rank, cp_size=cp)
     it = iter(loader)
     slabs = []
     for b in range(batches):
@@ -175,3 +177,21 @@ def test_volume_list_is_globbed_once_and_broadcast(s3_server: MotoS3, s3_bucket:
         proxy.stop()
     assert flag.exists()
     assert lists == [[a, b], [a, b]]
+
+
+@pytest.mark.slow
+def test_every_rank_saves_the_same_drop_set(s3_server: MotoS3, s3_bucket: str, tmp_path: Path) -> None:
+    """cp=1, two data-parallel ranks, only rank 0 cannot read b: at the step boundary rank 1 drops b too, so the
+    loader state a checkpoint saves is the same on both (it was rank 0's alone before)."""
+    uris = put_volumes(s3_bucket, s3_server.endpoint, {"a": 1, "b": 2})
+    broken = FaultProxy(s3_server.endpoint, Faults(slowdown=1.0, match="/b.mdio/amplitude/c/"))
+    try:
+        data = {"crop": [16, 16, 32], "retries": 2}
+        recipes = [recipe(uris, ep, **data).model_dump(mode="json") for ep in (broken.endpoint, s3_server.endpoint)]
+        states = run_distributed(_cp_stream, 2, recipes, 4, str(tmp_path / "crops.pt"), 1, timeout=240)
+    finally:
+        broken.stop()
+    (state0, stats0), (state1, stats1) = states
+    assert stats0["samples_lost"] >= 1 and stats1["samples_lost"] == 0  # only rank 0 failed to read b
+    assert state0["dropped"] == state1["dropped"] == [uris[1]]
+    assert stats1["volumes_dropped"] == 1 and stats1["volumes_active"] == 1
