@@ -27,6 +27,7 @@ marked lost (never redrawn in the worker). The trainer process then drops the vo
 group at once (every rank of the group drops it, and the group reads that micro-batch again from the same
 position without it), with every rank at the next step boundary. The stream is thus a function of (seed,
 dp_rank, position, drop set), with the drop set shared by the CP group and, at step boundaries, by all ranks.
+Each micro-batch the CP group also compares a digest of its samples and stops on a mismatch.
 """
 
 from __future__ import annotations
