@@ -189,8 +189,9 @@ def test_retry_policy_by_exit_code_on_real_jobs(tmp_path: Path) -> None:
         loader = launch("f-loader", *_sets("data.workers=1", "cluster.max_retries=0"), fault="loader@2")
         kill = launch("f-kill", *_sets("cluster.max_retries=0"), fault="kill@2")
         config = launch("f-config", *_sets("model.attention=cudnn"))  # a valid recipe the CPU trainer refuses
-        # Slurm's USR1 warning 50 s before a one-minute limit: the trainer checkpoints and requeues itself.
-        usr1 = launch("usr1", "--steps", "100000", *_sets('cluster.time_limit="1"', "cluster.signal_seconds=50"))
+        # Slurm's USR1 warning 90 s before a two-minute limit (30 s in, after the imports even on a loaded machine):
+        # the trainer checkpoints and requeues itself.
+        usr1 = launch("usr1", "--steps", "100000", *_sets('cluster.time_limit="2"', "cluster.signal_seconds=90"))
         _release_when_requeued(comm)
         _release_when_requeued(usr1)
         for run in (comm, loader, kill, config):

@@ -19,14 +19,21 @@ that is not a multiple of the chunk depth still makes neighbouring ranks fetch t
 Throughput: workers are started by forkserver, so no event loop, connection pool or Rust runtime of the
 trainer process crosses a fork; each worker reads the samples of a batch concurrently (one thread each,
 all GETs of the process capped at data.concurrency by RetryingStore) straight into the batch tensor in
-shared memory. A failed crop read (retries exhausted, or chunks lost under live traces) is read again;
-after data.max_volume_failures failures in a row the worker drops that volume (a warning and a counter)
-and the sample is redrawn from the others. Counters reach the trainer with each batch: `loader.stats()`.
+shared memory. Counters reach the trainer with each batch: `loader.stats()`.
+
+Failed reads and dropped volumes (data_sync.py says why): a failed crop read (retries exhausted, or chunks lost
+under live traces) is read again; after data.max_volume_failures failures of a volume in a row its samples are
+marked lost (never redrawn in the worker). The trainer process then drops the volume by agreement: with its CP
+group at once (every rank of the group drops it, and the group reads that micro-batch again from the same
+position without it), with every rank at the next step boundary. The stream is thus a function of (seed,
+dp_rank, position, drop set), with the drop set shared by the CP group and, at step boundaries, by all ranks.
+Each micro-batch the CP group also compares a digest of its samples and stops on a mismatch.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import logging
 import os
@@ -40,11 +47,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from seiscli.data.retry import IOStats, ReadError, RetryPolicy, process_stats
 from seiscli.data.volume import DataLossError, Volume, open_volume
 from seiscli.recipe import Recipe
+from seiscli.train.data_sync import DataSync, digest
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +85,8 @@ class BatchReport:
     cpu_s: float  # CPU time of the building process (all its threads) since its previous report
     io: IOStats
     failed_reads: int = 0
-    dropped: list[str] = field(default_factory=list)
+    lost: list[int] = field(default_factory=list)  # volumes of samples that could not be read (slabs zeroed)
+    digest: int = 0  # of the batch's samples: (position, volume, origin, flips, transpose) each
 
 
 def slab_box(spec: CropSpec, crop: Shape3, cp_rank: int, cp_size: int) -> tuple[Shape3, Shape3]:
@@ -182,12 +192,12 @@ class CropDataset(Dataset[tuple[torch.Tensor, BatchReport]]):
         self._lock = threading.Lock()
         self._failures: dict[int, int] = {}
         self._failed_reads = 0
-        self._new_drops: list[str] = []
+        self._lost: set[int] = set()  # volumes this process gave up on; the trainer process drops them
         self._cum = self._cum_weights()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for key in ("_lock", "_failures", "_failed_reads", "_new_drops", "_cum"):
+        for key in ("_lock", "_failures", "_failed_reads", "_lost", "_cum"):
             state.pop(key)
         return state
 
@@ -206,14 +216,16 @@ class CropDataset(Dataset[tuple[torch.Tensor, BatchReport]]):
         w[list(self.dropped)] = 0.0
         return np.cumsum(w / w.sum()) if w.sum() > 0 else None
 
-    def drop(self, v: int, reason: str) -> None:
+    def set_dropped(self, dropped: set[int]) -> None:
+        """The drop set every rank of the group agreed on; samples are drawn from the other volumes."""
         with self._lock:
-            if v in self.dropped:
-                return
-            self.dropped.add(v)
-            self._new_drops.append(self.volumes[v].uri)
+            self.dropped = set(dropped)
             self._cum = self._cum_weights()
-        log.warning("dropping volume %s: %s", self.volumes[v].uri, reason)
+
+    def sample_digest(self, spec: CropSpec, index: int) -> int:
+        """What the ranks of a CP group must agree on for sample `index` (their volume lists were compared when
+        the loaders were built, so the volume's index names it)."""
+        return digest(index, spec.volume, spec.origin, spec.flip_z, spec.flip_y, spec.transpose)
 
     def spec(self, index: int) -> CropSpec:
         """Where sample `index` of this rank comes from; crops below min_live_fraction are redrawn."""
@@ -253,24 +265,31 @@ class CropDataset(Dataset[tuple[torch.Tensor, BatchReport]]):
         centre_scale = self.centre_scale[spec.volume] if self.normalization == "zscore" else None
         normalize_(out, centre_scale, self.clip)
 
-    def load(self, index: int, out: np.ndarray) -> None:
-        """Sample `index` into `out`. A failed read is repeated; a volume failing max_volume_failures times in
-        a row is dropped and the sample redrawn from the others (the stream changes only from there on)."""
-        while True:
-            spec = self.spec(index)
+    def load(self, index: int, out: np.ndarray) -> tuple[CropSpec, bool]:
+        """Sample `index` into `out`; returns its spec and whether it was read. A failed read is repeated; once
+        its volume has failed max_volume_failures times in a row (in this process) the sample is lost: `out` is
+        zeroed and the caller must not train on it. Never redrawn here: only the trainer process, with its CP
+        group, may change the stream (data_sync.py)."""
+        spec = self.spec(index)
+        v = spec.volume
+        while v not in self._lost:
             try:
                 self.read_into(spec, out)
             except (ReadError, DataLossError) as e:
                 with self._lock:
                     self._failed_reads += 1
-                    n = self._failures[spec.volume] = self._failures.get(spec.volume, 0) + 1
+                    n = self._failures[v] = self._failures.get(v, 0) + 1
+                    if n >= self.max_volume_failures:
+                        self._lost.add(v)
                 log.debug("sample %d: read of %s failed (%d in a row): %s", index, spec, n, e)
                 if n >= self.max_volume_failures:
-                    self.drop(spec.volume, f"{n} failed reads in a row, last: {e}")
+                    log.warning("giving up on %s after %d failed reads in a row: %s", self.volumes[v].uri, n, e)
                 continue
             with self._lock:
-                self._failures.pop(spec.volume, None)
-            return
+                self._failures.pop(v, None)
+            return spec, True
+        out[...] = 0.0
+        return spec, False
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, BatchReport]:
         t0 = time.perf_counter()
@@ -282,15 +301,13 @@ class CropDataset(Dataset[tuple[torch.Tensor, BatchReport]]):
             batch.share_memory_()
         view = batch.numpy()
         if self.micro_batch == 1:
-            self.load(position, view[0, 0])
+            loaded = [self.load(position, view[0, 0])]
         else:
             pool = _pool(self.micro_batch)
             jobs = [pool.submit(self.load, position + i, view[i, 0]) for i in range(self.micro_batch)]
-            for job in jobs:
-                job.result()
+            loaded = [job.result() for job in jobs]
         with self._lock:
             failed, self._failed_reads = self._failed_reads, 0
-            dropped, self._new_drops = self._new_drops, []
         report = BatchReport(
             worker=info.id if info is not None else -1,
             samples=self.micro_batch,
@@ -299,7 +316,8 @@ class CropDataset(Dataset[tuple[torch.Tensor, BatchReport]]):
             cpu_s=_cpu_since_last_report(),
             io=process_stats().take(),
             failed_reads=failed,
-            dropped=dropped,
+            lost=sorted({spec.volume for spec, ok in loaded if not ok}),
+            digest=digest(*(self.sample_digest(spec, position + i) for i, (spec, _) in enumerate(loaded))),
         )
         return batch, report
 
@@ -394,16 +412,21 @@ class CropLoader:
         workers: int,
         prefetch: int,
         device: torch.device,
+        sync: DataSync | None = None,
     ) -> None:
         self.dataset = dataset
         self.workers = workers
         self.prefetch = prefetch
         self.device = device
+        self.sync = sync  # None: a single process, or ranks that need not agree (tests)
         self.position = 0  # samples handed out
         self._generation = 0
         self._workers_iter: Any = None
         self._totals: dict[int, _WorkerTotals] = {}
         self._failed_reads = 0
+        self._lost_samples = 0
+        self._agreed = -1  # size of the drop set all ranks shared at the last step boundary (-1: not yet)
+        self._restart = False  # the drop set changed: batches prefetched with the old one are discarded
         self._started = time.perf_counter()
         _LIVE_LOADERS.add(self)
 
@@ -432,14 +455,28 @@ class CropLoader:
         self.close()
         self._generation += 1
         generation = self._generation
-        batches = self._batches(self.position)
-        if self.workers:
-            self._workers_iter = batches
+        self.end_step()  # a resumed or restarted stream starts from the drop set every rank agrees on
+        self._restart = False
+        batches = self._start()
         try:
-            for batch, report in batches:
+            while True:
+                if self._restart:  # agreed at a step boundary: what the workers prefetched is stale
+                    self._restart = False
+                    self.close()
+                    batches = self._start()
+                try:
+                    batch, report = next(batches)
+                except StopIteration:
+                    return
                 if generation != self._generation:
                     raise RuntimeError("this CropLoader iterator is stale: the loader was restarted or re-iterated")
                 self._absorb(report)
+                lost = self._agree_batch(report)
+                if lost:  # the CP group drops them together and reads this position again without them
+                    self._drop(lost, "on this rank or a context-parallel peer")
+                    self.close()
+                    batches = self._start()
+                    continue
                 if self.device.type == "cuda" and not batch.is_pinned():
                     batch = batch.pin_memory()
                 self.position += self.micro_batch
@@ -447,6 +484,43 @@ class CropLoader:
         finally:
             if self._workers_iter is batches:
                 self.close()
+
+    def _start(self) -> Iterator[tuple[torch.Tensor, BatchReport]]:
+        batches = self._batches(self.position)
+        if self.workers:
+            self._workers_iter = batches
+        return batches
+
+    def _agree_batch(self, report: BatchReport) -> set[int]:
+        """Volumes that this rank or a peer of its CP group could not read in this micro-batch (raises if the
+        group's samples differ)."""
+        self._lost_samples += len(report.lost)
+        if self.sync is None:
+            return set(report.lost)
+        return self.sync.check_batch(self.position, report.digest, report.lost, self.micro_batch)
+
+    def _drop(self, volumes: set[int], why: str) -> None:
+        ds = self.dataset
+        for v in sorted(volumes - ds.dropped):
+            log.warning("data: volume %s dropped after repeated read failures (%s)", ds.volumes[v].uri, why)
+        ds.set_dropped(ds.dropped | volumes)
+        if ds._cum is None:
+            raise RuntimeError(
+                f"all {len(ds.volumes)} volumes were dropped after repeated read failures; see the warnings above"
+            )
+
+    def end_step(self) -> None:
+        """A step boundary, called by every rank after the step's last micro-batch: all ranks adopt the union of
+        their drop sets (one scalar all-reduce when nothing changed), so checkpoints agree and a volume found
+        dead by one group is not read again by the others."""
+        if self.sync is None:
+            return
+        ds = self.dataset
+        agreed = self.sync.union(ds.dropped, len(ds.volumes), self._agreed)
+        if agreed != ds.dropped:
+            self._drop(agreed - ds.dropped, "by another rank, at a step boundary")
+            self._restart = True
+        self._agreed = len(agreed)
 
     def _absorb(self, report: BatchReport) -> None:
         t = self._totals.setdefault(report.worker, _WorkerTotals())
@@ -457,21 +531,14 @@ class CropLoader:
         t.cpu_s += report.cpu_s
         t.io.add(report.io)
         self._failed_reads += report.failed_reads
-        uris = [v.uri for v in self.dataset.volumes]
-        for uri in report.dropped:
-            v = uris.index(uri)
-            if v not in self.dataset.dropped:
-                # later workers (a restart, a resume from this state) start without it
-                log.warning("data: volume %s dropped after repeated read failures (worker %d)", uri, report.worker)
-                self.dataset.dropped.add(v)
-                self.dataset._cum = self.dataset._cum_weights()
 
     def stats(self) -> dict[str, float]:
         """Counters since this loader was built, summed over its workers (cumulative; log them as they are).
 
         samples, batches, decoded_bytes (delivered crops), bytes_read (fetched from the store, as stored),
         requests, retries, throttled (503 SlowDown among the retries), read_errors (GETs failed for good),
-        missing_chunks, failed_reads (crop reads that failed and were repeated or redrawn), volumes_dropped,
+        missing_chunks, failed_reads (crop reads that failed and were repeated), samples_lost (samples given up
+        on, then read again from another volume with the CP group), volumes_dropped,
         volumes_active, worker_busy_s (summed time workers spent building batches), worker_cpu_s (their CPU
         time, all threads), request_s (summed GET latency), elapsed_s (since the loader was built)."""
         io = IOStats()
@@ -494,6 +561,7 @@ class CropLoader:
             "read_errors": io.errors,
             "missing_chunks": io.missing,
             "failed_reads": self._failed_reads,
+            "samples_lost": self._lost_samples,
             "volumes_dropped": len(self.dataset.dropped),
             "volumes_active": len(self.dataset.volumes) - len(self.dataset.dropped),
             "worker_busy_s": totals.busy_s,
@@ -548,13 +616,13 @@ class CropLoader:
             raise ValueError(f"loader state position {position} < 0")
         self.close()  # its workers prefetch positions that no longer come next
         uris = [v.uri for v in self.dataset.volumes]
-        self.dataset.dropped = {uris.index(u) for u in state.get("dropped", []) if u in uris}
-        self.dataset._cum = self.dataset._cum_weights()
+        self.dataset.set_dropped({uris.index(u) for u in state.get("dropped", []) if u in uris})
+        self._agreed = -1  # saved by this rank: agreed again with the others before the first batch
         self.position = position
         self._generation += 1
 
 
-def _volumes(recipe: Recipe) -> list[Volume]:
+def _volumes(recipe: Recipe, sync: DataSync | None = None) -> list[Volume]:
     data = recipe.data
     policy = RetryPolicy(attempts=data.retries, concurrency=data.concurrency)
     if data.source == "synthetic":
@@ -566,7 +634,10 @@ def _volumes(recipe: Recipe) -> list[Volume]:
     from seiscli.data.store import expand, storage_options_for
 
     options = storage_options_for(data.uris[0], endpoint_url=data.endpoint_url, region=data.region)
-    uris = expand(list(data.uris), options)
+    # Globbed once (rank 0) when distributed: a volume appearing under the prefix during start-up must not
+    # give the ranks different lists.
+    glob_uris = functools.partial(expand, list(data.uris), options)
+    uris = glob_uris() if sync is None else sync.decide(glob_uris)
     volumes, too_small, empty = [], [], []
     for uri in uris:
         vol = open_volume(
@@ -595,6 +666,16 @@ def _volumes(recipe: Recipe) -> list[Volume]:
     return volumes
 
 
+def _check_same_volumes(sync: DataSync, volumes: list[Volume], *, synthetic: bool) -> None:
+    """Every rank opened the same volumes with the same shapes and weights (the synthetic cache's path may
+    differ between nodes, so it is not part of its identity)."""
+    names = ", ".join(v.uri for v in volumes[:3]) + (", ..." if len(volumes) > 3 else "")
+    sync.check_same(
+        digest(*(("" if synthetic else v.uri, v.shape, _weight(v)) for v in volumes)),
+        f"the volumes to train on ({names}): a volume changed while the ranks opened it",
+    )
+
+
 def check_cp(recipe: Recipe, cp_size: int) -> None:
     """Slabs are whole planes of patches: the crop's patch grid along z must split into cp_size parts."""
     gz = recipe.grid[0]
@@ -613,17 +694,25 @@ def build_loader(
     device: torch.device,
     cp_rank: int = 0,
     cp_size: int = 1,
+    sync: DataSync | None = None,
 ) -> CropLoader:
     """The loader of one rank: dp_rank picks the stream; cp_rank of cp_size picks the slab of each sample
-    (batches are (micro_batch, 1, crop_z / cp_size, crop_y, crop_x))."""
+    (batches are (micro_batch, 1, crop_z / cp_size, crop_y, crop_x)). Collective when torch.distributed is
+    initialised (every rank calls it): the ranks then agree on volumes and drops through `sync` (data_sync.py),
+    made here unless given."""
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} is outside 0..{dp_size - 1}")
     check_cp(recipe, cp_size)
     if not 0 <= cp_rank < cp_size:
         raise ValueError(f"cp_rank {cp_rank} is outside 0..{cp_size - 1}")
     data = recipe.data
+    if sync is None and dist.is_available() and dist.is_initialized():
+        sync = DataSync.create(cp_size)
+    volumes = _volumes(recipe, sync)
+    if sync is not None:
+        _check_same_volumes(sync, volumes, synthetic=data.source == "synthetic")
     dataset = CropDataset(
-        _volumes(recipe),
+        volumes,
         crop=tuple(data.crop),  # type: ignore[arg-type]
         micro_batch=recipe.train.micro_batch,
         seed=recipe.train.seed,
@@ -637,4 +726,4 @@ def build_loader(
         max_volume_failures=data.max_volume_failures,
         align_crops=data.align_crops,
     )
-    return CropLoader(dataset, workers=data.workers, prefetch=data.prefetch, device=device)
+    return CropLoader(dataset, workers=data.workers, prefetch=data.prefetch, device=device, sync=sync)

@@ -104,6 +104,9 @@ class Trainer:
             wait += time.perf_counter() - tw
             mb = self.micro_batch(x, step, a)
             loss += self.engine.forward_backward(mb, loss_scale=self.loss_scale, sync=a == accum - 1)
+        end_step = getattr(self.loader, "end_step", None)
+        if end_step is not None:  # the ranks agree on dropped volumes before a checkpoint can save them
+            end_step()
         lr = lr_at(step, self.recipe.optim, self.recipe.train.steps)
         grad_norm = self.engine.step(lr)
         # One collective per step: every rank's loss, stop signal (as a priority) and step time so far.

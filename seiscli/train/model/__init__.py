@@ -66,7 +66,15 @@ def compile_blocks(model: MaskedAutoencoder3D, device: torch.device) -> None:
 
 
 def plan_for(recipe: Recipe) -> Plan:
+    """The run's masking plan: one mask stratum per z patch plane, which every allowed cp divides, so a
+    sample's mask (and the loss) does not depend on parallelism.cp."""
+    cp, gz = recipe.parallelism.cp, recipe.grid[0]
+    if gz % cp:
+        raise RecipeError(
+            f"parallelism.cp={cp} does not divide the crop's {gz} patch planes along z (data.crop z / "
+            f"model.patch_size); allowed: a divisor of {gz}"
+        )
     try:
-        return plan_lengths(recipe.num_tokens, Fraction(str(recipe.model.mask_ratio)), recipe.parallelism.cp)
+        return plan_lengths(recipe.num_tokens, Fraction(str(recipe.model.mask_ratio)), cp, strata=gz)
     except ValueError as e:
         raise RecipeError(f"model.mask_ratio={recipe.model.mask_ratio}, data.crop {recipe.data.crop}: {e}") from None

@@ -1,12 +1,17 @@
-"""Slab-stratified MAE masking with exact arithmetic (research notes section 7.3).
+"""Stratified MAE masking with exact arithmetic (research notes section 7.3).
 
-A sample's N tokens (flat C-order ids over the (z, y, x) patch grid) are cut into P contiguous slabs of
-S = N / P tokens, one per context-parallel rank (P = 1 without context parallelism). Every slab keeps
-E encoder tokens: slab 0 holds the cls token plus E - 1 visible patches, the others E visible patches, so
-V = E*P - 1 patches are visible in total and every rank's encoder sequence has the same length. E is the
-integer that brings V nearest to N*(1 - r) (ties go to more masking); facebookresearch/mae floors instead.
-Masks come from a CPU generator seeded from (seed, step, sample id, slab), so every rank, device and a
+A sample's N tokens (flat C-order ids over the (z, y, x) patch grid) are cut into K contiguous z-strata of
+N / K tokens. Every stratum keeps T encoder tokens: stratum 0 holds the cls token plus T - 1 visible
+patches, the others T visible patches, so V = T*K - 1 patches are visible in total. T is the integer that
+brings V nearest to N*(1 - r) (ties go to more masking); facebookresearch/mae floors instead. Each stratum's
+ids come from a CPU generator seeded from (seed, step, sample id, stratum), so every rank, device and a
 single-process reference draw the same ids without communicating.
+
+Context parallelism cuts the sample into P contiguous slabs, one per rank; a slab is K / P whole strata, so
+every rank's encoder sequence has the same length E = T*K/P (ring attention needs that). The trainer takes
+K = the z patch count, which every allowed P divides: the mask of a sample, hence the loss, is then the same
+for every CP degree (cp=1 and cp=P train on the same masks). K defaults to P (one stratum per slab), which
+makes the mask depend on P.
 """
 
 from __future__ import annotations
@@ -23,13 +28,26 @@ _U64 = (1 << 64) - 1
 
 @dataclass(frozen=True)
 class Plan:
-    """Token counts of one sample: N tokens in P slabs of S; E encoder tokens per slab; V visible in all."""
+    """Token counts of one sample: N tokens in P slabs of S, K strata of T encoder tokens; V visible in all."""
 
     n_tokens: int
     slabs: int
     slab_size: int
     encoder_per_slab: int
     visible: int
+    strata: int = 0  # 0: one stratum per slab
+
+    @property
+    def strata_count(self) -> int:
+        return self.strata or self.slabs
+
+    @property
+    def stratum_size(self) -> int:
+        return self.n_tokens // self.strata_count
+
+    @property
+    def encoder_per_stratum(self) -> int:
+        return (self.visible + 1) // self.strata_count
 
     @property
     def masked(self) -> int:
@@ -57,8 +75,9 @@ class Plan:
             raise ValueError(f"slab {slab} is outside 0..{self.slabs - 1}")
 
 
-def plan_lengths(n_tokens: int, mask_ratio: Fraction | float | str, slabs: int = 1) -> Plan:
-    """Choose E (encoder tokens per slab) so that V = E*P - 1 is nearest to N*(1 - r), exactly."""
+def plan_lengths(n_tokens: int, mask_ratio: Fraction | float | str, slabs: int = 1, strata: int | None = None) -> Plan:
+    """Choose T (encoder tokens per stratum) so that V = T*K - 1 is nearest to N*(1 - r), exactly.
+    strata: K, a multiple of slabs that divides N (default: slabs)."""
     r = mask_ratio if isinstance(mask_ratio, Fraction) else Fraction(str(mask_ratio))
     if not 0 < r < 1:
         raise ValueError(f"mask ratio {r} is outside (0, 1)")
@@ -66,15 +85,24 @@ def plan_lengths(n_tokens: int, mask_ratio: Fraction | float | str, slabs: int =
         raise ValueError(f"need at least one token and one slab, got N={n_tokens}, P={slabs}")
     if n_tokens % slabs:
         raise ValueError(f"{n_tokens} tokens do not split over cp={slabs}")
-    s = n_tokens // slabs
+    k = slabs if strata is None else strata
+    if k < 1 or k % slabs or n_tokens % k:
+        raise ValueError(f"{k} mask strata do not split over cp={slabs} or do not divide {n_tokens} tokens")
+    size = n_tokens // k
     target = n_tokens * (1 - r)
-    lo = floor((target + 1) / slabs)
-    candidates = {min(max(e, 1), s) for e in (lo, lo + 1)}
-    e = min(candidates, key=lambda e: (abs(e * slabs - 1 - target), e))
-    v = e * slabs - 1
+    if 2 * (target + 1) < k:  # the nearest T would be 0: every stratum needs an encoder token
+        raise ValueError(
+            f"mask ratio {float(r)} leaves too few visible patches out of {n_tokens} for {k} mask strata "
+            f"(at least {k - 1})"
+        )
+    lo = floor((target + 1) / k)
+    candidates = {min(max(t, 1), size) for t in (lo, lo + 1)}
+    t = min(candidates, key=lambda t: (abs(t * k - 1 - target), t))
+    v = t * k - 1
     if v < 1:
         raise ValueError(f"mask ratio {float(r)} leaves no visible patch out of {n_tokens}")
-    return Plan(n_tokens=n_tokens, slabs=slabs, slab_size=s, encoder_per_slab=e, visible=v)
+    e = t * (k // slabs)
+    return Plan(n_tokens, slabs, n_tokens // slabs, e, v, 0 if strata is None else k)
 
 
 def _splitmix64(x: int) -> int:
@@ -93,18 +121,32 @@ def mix64(*parts: int) -> int:
 
 
 def slab_mask(
-    seed: int, step: int, sample_id: int, slab: int, slab_size: int, n_visible: int
+    seed: int, step: int, sample_id: int, stratum: int, size: int, n_visible: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted slab-local (keep, masked) ids of one sample's slab; int64 CPU tensors of n_visible and the rest."""
-    g = torch.Generator(device="cpu").manual_seed(mix64(seed, step, sample_id, slab))
-    perm = torch.randperm(slab_size, generator=g)
+    """Sorted local (keep, masked) ids of one stratum of a sample; int64 CPU tensors of n_visible and the rest.
+    The seed names the stratum, never the slab: the ids do not depend on how the sample is split over ranks."""
+    g = torch.Generator(device="cpu").manual_seed(mix64(seed, step, sample_id, stratum))
+    perm = torch.randperm(size, generator=g)
     return perm[:n_visible].sort().values, perm[n_visible:].sort().values
+
+
+def sample_mask(plan: Plan, seed: int, step: int, sample_id: int, slab: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted slab-local (keep, masked) ids of one sample's slab: the slab's strata, each shifted to its place."""
+    plan._check_slab(slab)
+    per_slab = plan.strata_count // plan.slabs
+    size, t = plan.stratum_size, plan.encoder_per_stratum
+    keeps, masks = [], []
+    for j in range(per_slab):
+        k = slab * per_slab + j
+        keep, masked = slab_mask(seed, step, sample_id, k, size, t - (k == 0))
+        keeps.append(keep + j * size)
+        masks.append(masked + j * size)
+    return torch.cat(keeps), torch.cat(masks)
 
 
 def batch_masks(
     plan: Plan, seed: int, step: int, sample_ids: Sequence[int], slab: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(keep, masked) slab-local ids for a micro-batch: int64 CPU tensors (B, v_slab) and (B, m_slab)."""
-    v = plan.visible_in(slab)
-    pairs = [slab_mask(seed, step, i, slab, plan.slab_size, v) for i in sample_ids]
+    pairs = [sample_mask(plan, seed, step, i, slab) for i in sample_ids]
     return torch.stack([k for k, _ in pairs]), torch.stack([m for _, m in pairs])
