@@ -18,7 +18,7 @@ from pathlib import Path
 
 from seiscli.data.synth import Shape3
 
-SYNTH_VERSION = 2  # 2: fault labels stored beside the amplitudes. Bump when the generator changes, so stale caches are not reused
+SYNTH_VERSION = 2  # bump when the generator changes, so stale caches are not reused (2: fault labels)
 
 
 def data_dir() -> Path:
