@@ -167,3 +167,14 @@ def test_eval_of_each_strategys_checkpoint_gives_the_same_numbers(tmp_path: Path
         assert got["reconstruction"]["psnr_db"] == pytest.approx(ref["reconstruction"]["psnr_db"], rel=1e-4)
         assert got["probe"]["trained"]["iou"] == pytest.approx(ref["probe"]["trained"]["iou"], abs=1e-3)
         assert got["probe"]["random_encoder"] == ref["probe"]["random_encoder"]  # the same initialisation
+
+
+def test_seis_eval_in_the_launcher_imports_neither_torch_nor_the_trainer(tmp_path: Path) -> None:
+    from tests.test_cli import imported_after
+
+    for args in (["eval", "--help"], ["eval", "no-such-run"]):
+        mods, _ = imported_after(args, tmp_path)
+        assert mods == []
+    code = "import sys, seiscli.launcher.cli\nprint(sorted(m for m in sys.modules if m.startswith('seiscli.train')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stderr
