@@ -13,6 +13,7 @@ Exit codes: 0 done; 2 a bad argument, recipe, checkpoint or volume (one line on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -77,11 +78,13 @@ def load_model(path: Path, manifest: dict[str, Any], recipe: Recipe, device: Any
     model = build_model(recipe, device)
     if str(manifest.get("strategy", "")).startswith("zero"):
         # All ranks' fp32 partitions, merged (DeepSpeed's zero_to_fp32): stages 1-3, any dp size, no process group.
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        # DeepSpeed logs to stdout (its handler is made at import): sent to stderr, so --json stays parseable.
+        with contextlib.redirect_stdout(sys.stderr):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        from seiscli.train.parallel.deepspeed_zero import TAG
+            from seiscli.train.parallel.deepspeed_zero import TAG
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path / "engine"), tag=TAG)
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path / "engine"), tag=TAG)
         model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
     else:
         env = DistEnv(0, 1, 0, "single", device, cp=1)
