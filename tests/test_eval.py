@@ -156,8 +156,11 @@ def test_eval_of_each_strategys_checkpoint_gives_the_same_numbers(tmp_path: Path
     each checkpoint is loaded on one process (FSDP2's DCP shards resharded, ZeRO's partitions merged)."""
     results = {}
     for strategy in ("ddp", "fsdp2", "zero2"):
-        run_dir = _train(tmp_path, strategy, {**SMALL, "parallelism.strategy": strategy}, nproc=2)
+        run_dir = _train(tmp_path, strategy, {**SMALL, "parallelism.strategy": strategy, "eval.interval": 4}, nproc=2)
         results[strategy] = _eval(run_dir, tmp_path, "--probe-crops", "2", "--probe-steps", "20", "--no-pictures")
+        # Periodic eval ran collectively inside the strategy (sharded forward for FSDP2) and agrees with it.
+        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        assert last["eval_loss"] == pytest.approx(results[strategy]["reconstruction"]["loss"], rel=1e-5)
     ref = results["ddp"]
     assert ref["saved_world_size"] == 2
     for strategy in ("fsdp2", "zero2"):
