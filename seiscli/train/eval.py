@@ -198,7 +198,8 @@ def report(r: dict[str, Any]) -> str:
         t, f = p["trained"], p["random_encoder"]
         lines.append(
             f"fault probe on {p['crops']} held-out crops: IoU {t['iou']:.3f} F1 {t['f1']:.3f}; "
-            f"random-encoder floor IoU {f['iou']:.3f} F1 {f['f1']:.3f}"
+            f"random-encoder floor IoU {f['iou']:.3f} F1 {f['f1']:.3f}; calling every voxel a fault would score "
+            f"IoU {p['fault_fraction_test']:.3f}"
         )
     lines += [f"picture: {p}" for p in r["pictures"]]
     lines.append(f"results: {r['json']}")
