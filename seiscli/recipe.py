@@ -199,6 +199,13 @@ class Data(_Section):
     s3_client: Literal["obstore", "s3fs"] = Field("obstore", description="client for s3:// volumes")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint; credentials: standard AWS chain")
     region: str | None = None
+    holdout_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="the last fraction of inlines of every volume, reserved for evaluation: training never "
+        "draws a crop there (see seiscli/data/split.py); 0 reserves nothing",
+    )
 
     @field_validator("crop", "synth_shape")
     @classmethod
@@ -284,6 +291,14 @@ class Logging(_Section):
     mlflow: Mlflow | None = None  # set to log to MLflow (the job's environment needs `mlflow`)
 
 
+class Eval(_Section):
+    """Held-out evaluation (`seis eval`, and periodically while training)."""
+
+    interval: int = Field(0, ge=0, description="steps between held-out reconstruction evals in training; 0 = off")
+    samples: int = Field(8, ge=1, description="held-out crops per reconstruction eval")
+    seed: int = Field(0, description="draws the held-out crops and their masks: every checkpoint sees the same")
+
+
 class Recipe(_Section):
     name: str = Field(..., min_length=1, max_length=128)
     description: str = ""
@@ -295,6 +310,7 @@ class Recipe(_Section):
     train: Train = Train()
     checkpoint: Checkpoint = Checkpoint()
     logging: Logging = Logging()
+    eval: Eval = Eval()
 
     @field_validator("name")
     @classmethod
@@ -322,6 +338,11 @@ class Recipe(_Section):
                 "runs with strategy fsdp2 or ddp; allowed with zero1/zero2/zero3: parallelism.cp=1"
             )
         self._check_shard_size(cp, world)
+        if self.eval.interval and not self.data.holdout_fraction:
+            raise ValueError(
+                f"eval.interval={self.eval.interval} but data.holdout_fraction=0 reserves no held-out region; "
+                "allowed: a data.holdout_fraction in (0, 1), or eval.interval=0"
+            )
         n = self.num_tokens
         if n % cp:
             raise ValueError(f"the crop's {n} tokens do not split over parallelism.cp={cp}")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from seiscli.data.synth import Shape3
 
-SYNTH_VERSION = 1  # bump when the generator changes, so stale caches are not reused
+SYNTH_VERSION = 2  # bump when the generator changes, so stale caches are not reused (2: fault labels)
 
 
 def data_dir() -> Path:
@@ -71,13 +71,14 @@ def create_once(final: Path, write: Callable[[Path], None], *, lock: bool = True
 
 def ensure_synthetic(shape: Shape3, seed: int, chunks: Shape3, *, root: Path | None = None, lock: bool = True) -> Path:
     """The cached synthetic MDIO volume for (shape, seed, chunks), created on first use."""
-    from seiscli.data.synth import synthetic_volume
-    from seiscli.data.write import write_volume
+    from seiscli.data.synth import fault_labels, synthetic_volume
+    from seiscli.data.write import FAULTS, write_volume
 
     final = synthetic_path(shape, seed, chunks, root)
 
     def write(tmp: Path) -> None:
-        write_volume(str(tmp), synthetic_volume(shape, seed), chunks=chunks, name=final.stem)
+        labels = {FAULTS: fault_labels(shape, seed)}
+        write_volume(str(tmp), synthetic_volume(shape, seed), chunks=chunks, name=final.stem, labels=labels)
 
     create_once(final, write, lock=lock)
     return final

@@ -20,6 +20,8 @@ Shape3 = tuple[int, int, int]
 OVERSAMPLE = 8  # fine samples per output sample of the 1D trace
 SLAB_VOXELS = 1 << 22  # voxels generated per slab: temporaries stay in cache-friendly tens of MB
 NOISE_LEVEL = 0.05  # noise rms relative to the signal rms
+FAULT_HALF_WIDTH = 1.5  # traces either side of a fault plane that the label marks (a 3-trace fault zone)
+MIN_LABELLED_THROW = 1.0  # samples: where the tapered throw is smaller, the fault is invisible and unlabelled
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,35 @@ def render_slab(model: SynthModel, z0: int, z1: int, out: np.ndarray | None = No
     for k in range(z0, z1):  # noise seeded per inline: independent of how the volume is sliced
         rng = np.random.default_rng([model.seed, 0x0015E, k])
         out[k - z0] += rng.standard_normal((ny, nx), dtype=np.float32) * np.float32(model.noise_rms)
+    return out
+
+
+def fault_slab(model: SynthModel, z0: int, z1: int) -> np.ndarray:
+    """Fault labels of inlines [z0, z1) as uint8 (1: within FAULT_HALF_WIDTH traces of a fault plane whose
+    throw there is at least MIN_LABELLED_THROW samples); equal to the same rows of `fault_labels`."""
+    _, ny, nx = model.shape
+    t = np.arange(nx, dtype=np.float32)[None, None, :]
+    ii = np.arange(z0, z1, dtype=np.float32)[:, None]
+    jj = np.arange(ny, dtype=np.float32)[None, :]
+    out = np.zeros((z1 - z0, ny, nx), dtype=bool)
+    for f in model.faults:
+        across = (ii - f.centre[0]) * f.normal[0] + (jj - f.centre[1]) * f.normal[1]
+        along = -(ii - f.centre[0]) * f.normal[1] + (jj - f.centre[1]) * f.normal[0]
+        throw = f.throw * np.exp(-0.5 * (along / f.half_length) ** 2)
+        # the plane t = t0 + across * slope, as the horizontal position it reaches at each time sample
+        distance = np.abs(across[:, :, None] - (t - f.t0) / f.slope)
+        out |= (distance <= FAULT_HALF_WIDTH) & (throw >= MIN_LABELLED_THROW)[:, :, None]
+    return out.astype(np.uint8)
+
+
+def fault_labels(shape: Shape3, seed: int = 0) -> np.ndarray:
+    """The fault-zone mask of `synthetic_volume(shape, seed)`, uint8 (inline, crossline, time)."""
+    model = build_model(shape, seed)
+    out = np.empty(model.shape, dtype=np.uint8)
+    step = slab_rows(model.shape)
+    for z0 in range(0, model.shape[0], step):
+        z1 = min(model.shape[0], z0 + step)
+        out[z0:z1] = fault_slab(model, z0, z1)
     return out
 
 

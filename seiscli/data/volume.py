@@ -185,6 +185,16 @@ class Volume:
             if mask[i * cz : (i + 1) * cz, j * cy : (j + 1) * cy].any():
                 raise DataLossError(f"{self.uri}: chunk {key} is missing from the store but covers live traces")
 
+    def has_variable(self, name: str) -> bool:
+        return name in self._open()
+
+    def read_variable(self, name: str, origin: tuple[int, int, int], shape: tuple[int, int, int]) -> np.ndarray:
+        """The box of another variable of the dataset, e.g. voxel labels stored beside the amplitudes."""
+        group = self._open()
+        if name not in group:
+            raise VolumeError(f"{self.uri}: no variable {name!r} (synthetic volumes written by seis carry fault_mask)")
+        return np.asarray(group[name][self._box(origin, shape)])
+
     def live_mask(self) -> np.ndarray:
         """The (inline, crossline) live-trace mask, loaded once per process; all True without one."""
         group = self._open()

@@ -25,6 +25,7 @@ COMPRESSORS: tuple[str, ...] = ("zstd", "lz4", "none")
 DEFAULT_CHUNKS: Shape3 = (128, 128, 128)
 VARIABLE = "amplitude"
 MASK = "trace_mask"
+FAULTS = "fault_mask"  # synthetic volumes: uint8 voxel labels of the fault zones, beside the amplitudes
 TRACE_SPACING_M = 25.0
 SAMPLE_INTERVAL_MS = 4
 
@@ -60,9 +61,11 @@ def write_volume(
     attributes: dict[str, Any] | None = None,
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
+    labels: dict[str, np.ndarray] | None = None,
 ) -> Written:
     """Write `data` (inline, crossline, time) to `uri`. Dead traces (live_mask False) are stored as the fill
-    value NaN, like MDIO's SEG-Y import, and are left out of the statistics."""
+    value NaN, like MDIO's SEG-Y import, and are left out of the statistics. `labels`: extra voxel variables
+    of the same shape (e.g. {FAULTS: uint8 mask}), stored with the amplitudes' dimensions and chunks."""
     import zarr
     from mdio.api.io import to_mdio
     from mdio.builder.schemas.compressors import Blosc, BloscCname
@@ -120,12 +123,28 @@ def write_volume(
             slab = np.where(live[:, :, None], slab, np.float32(np.nan)).astype(np.float32, copy=False)
         acc.update(slab[live])
         array[z0:z1] = slab
+    for label, values in (labels or {}).items():
+        _write_label(group, label, values, shape, chunks)
     stats = acc.result()
     # Same encoding as MDIO's importer (a JSON string), validated against MDIO's schema.
     array.attrs["statsV1"] = SummaryStatistics.model_validate(stats.to_stats_v1()).model_dump_json()
     return Written(
         uri=uri, shape=shape, chunks=chunks, compressor=compressor, stats=stats, live_traces=int(live_mask.sum())
     )
+
+
+def _write_label(group: Any, name: str, values: np.ndarray, shape: Shape3, chunks: Shape3) -> None:
+    if values.shape != shape:
+        raise ValueError(f"label {name!r} has shape {values.shape}; the volume is {shape}")
+    arr = group.create_array(
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype=values.dtype,
+        fill_value=0,
+        dimension_names=("inline", "crossline", "time"),  # xarray/MDIO readers see it as a data variable
+    )
+    arr[...] = values
 
 
 def _stats_accumulator(data: np.ndarray, live_mask: np.ndarray, rows: int) -> StatsAccumulator:

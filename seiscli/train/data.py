@@ -51,6 +51,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from seiscli.data.retry import IOStats, ReadError, RetryPolicy, process_stats
+from seiscli.data.split import train_inlines
 from seiscli.data.volume import DataLossError, Volume, open_volume
 from seiscli.recipe import Recipe
 from seiscli.train.data_sync import DataSync, digest
@@ -166,6 +167,7 @@ class CropDataset(Dataset[tuple[torch.Tensor, BatchReport]]):
         cp_size: int = 1,
         max_volume_failures: int = 3,
         align_crops: bool = False,
+        holdout_fraction: float = 0.0,
     ) -> None:
         if not 0 <= cp_rank < cp_size:
             raise ValueError(f"cp_rank {cp_rank} is outside 0..{cp_size - 1}")
@@ -183,6 +185,9 @@ class CropDataset(Dataset[tuple[torch.Tensor, BatchReport]]):
         self.clip = clip
         self.max_volume_failures = max_volume_failures
         self.steps = [_origin_steps(v, crop, align_crops) for v in volumes]
+        # Where crops may lie: the held-out inlines at the end of each volume are cut off here, so no origin
+        # drawn below can put a crop voxel there (seiscli/data/split.py).
+        self.extents = [_train_extent(v, crop, holdout_fraction) for v in volumes]
         self.weights = np.array([_weight(v) for v in volumes], dtype=np.float64)
         self.centre_scale = [_centre_scale(v, normalization) for v in volumes]
         self.dropped: set[int] = set()
@@ -242,7 +247,7 @@ class CropDataset(Dataset[tuple[torch.Tensor, BatchReport]]):
             # step 1 (the default) draws any origin; a chunk step draws uniformly over the aligned ones
             origin = tuple(
                 int(rng.integers(0, (n - c) // k + 1)) * k
-                for n, c, k in zip(vol.shape, self.crop, self.steps[v], strict=True)
+                for n, c, k in zip(self.extents[v], self.crop, self.steps[v], strict=True)
             )
             fz, fy, tr = (bool(b) for b in rng.integers(0, 2, 3)) if self.flips else (False, False, False)
             tr = tr and self.crop[0] == self.crop[1]
@@ -347,6 +352,17 @@ def _origin_steps(v: Volume, crop: Shape3, align: bool) -> Shape3:
             f"multiple of the chunks or set data.align_crops=false"
         )
     return v.chunks
+
+
+def _train_extent(v: Volume, crop: Shape3, holdout_fraction: float) -> Shape3:
+    """The volume's shape with the held-out inlines removed; an error when no crop fits in what is left."""
+    n = train_inlines(v.shape[0], holdout_fraction)
+    if n < crop[0]:
+        raise ValueError(
+            f"data.holdout_fraction={holdout_fraction} leaves {n} training inlines of {v.uri} {v.shape}, fewer "
+            f"than data.crop z={crop[0]}; allowed: a smaller fraction or crop"
+        )
+    return (n, v.shape[1], v.shape[2])
 
 
 def _weight(v: Volume) -> float:
@@ -725,5 +741,6 @@ def build_loader(
         cp_size=cp_size,
         max_volume_failures=data.max_volume_failures,
         align_crops=data.align_crops,
+        holdout_fraction=data.holdout_fraction,
     )
     return CropLoader(dataset, workers=data.workers, prefetch=data.prefetch, device=device, sync=sync)

@@ -62,6 +62,34 @@ class Trainer:
         self.loss_scale = 1.0 / (self.global_batch * plan.masked)
         self.peak = peak_flops(device_name(env.device)) if t.precision == "bf16" else None
         self.rank_times: list[float] = []
+        self._heldout: torch.Tensor | None = None  # read at the first periodic eval, kept
+
+    def eval_due(self, step: int) -> bool:
+        every = self.recipe.eval.interval
+        return every > 0 and step % every == 0
+
+    def heldout_loss(self) -> float:
+        """Masked-patch loss on the held-out crops (the same crops and masks as `seis eval`, from eval.seed);
+        collective: every rank scores its slab of every crop, the sums are all-reduced."""
+        from seiscli.train.heldout import eval_masks, heldout_crops
+
+        if self._heldout is None:
+            self._heldout = heldout_crops(self.recipe)
+        crops, mb = self._heldout, self.recipe.train.micro_batch
+        slab, s, dev = self.env.cp_rank, self.plan.slab_size, self.env.device
+        total = torch.zeros((), dtype=torch.float64, device=dev)
+        self.engine.module.eval()
+        for first in range(0, crops.shape[0], mb):
+            x = crops[first : first + mb]
+            keep, masked = eval_masks(self.plan, self.recipe.eval.seed, first, x.shape[0], slab)
+            patches = patchify(x.to(dev), self.recipe.model.patch_size)[:, slab * s : (slab + 1) * s]
+            batch = MicroBatch(patches, keep.to(dev), masked.to(dev), offset=slab * s, with_cls=slab == 0)
+            total += self.engine.evaluate(batch).double()
+        self.engine.module.train()
+        if self.env.distributed:
+            dist.all_reduce(total)
+            total /= self.env.dp_size  # every data-parallel replica scored the same crops
+        return float(total) / (crops.shape[0] * self.plan.masked)
 
     def sample_ids(self, accum: int) -> list[int]:
         """Index of each local sample within the step's global batch (the same on all ranks of a cp group)."""
@@ -183,6 +211,10 @@ class Trainer:
                 self.engine.module.train()
                 for step in range(start_step, steps):
                     record, stop_now = self.train_step(batches, step, stop)
+                    if self.eval_due(step + 1):
+                        record["eval_loss"] = self.heldout_loss()
+                        if env.is_main:
+                            print(f"step {step + 1} held-out loss {record['eval_loss']:.4f}", flush=True)
                     log.log(record)
                     ranks.log(record["step"], self.rank_times)
                     viewers.log(record)

@@ -12,7 +12,7 @@ import importlib
 from seiscli.launcher.cli.common import app
 from seiscli.launcher.cli.data import app as data_app
 
-for _group in ("launch", "sweep", "recipes", "jobs", "runinfo", "observe", "doctor"):
+for _group in ("launch", "sweep", "recipes", "jobs", "runinfo", "observe", "doctor", "eval"):
     importlib.import_module(f"seiscli.launcher.cli.{_group}")
 app.add_typer(data_app, name="data")
 

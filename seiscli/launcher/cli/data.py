@@ -87,8 +87,8 @@ def synth(
     import mdio.api.io  # noqa: F401  (imported up front so the timings below are generation and writing only)
 
     from seiscli.data.store import exists, storage_options_for
-    from seiscli.data.synth import synthetic_volume
-    from seiscli.data.write import write_volume
+    from seiscli.data.synth import fault_labels, synthetic_volume
+    from seiscli.data.write import FAULTS, write_volume
 
     options = storage_options_for(path, endpoint_url=endpoint_url, region=region)
     if not overwrite and exists(path, options):
@@ -104,6 +104,7 @@ def synth(
         name=f"synthetic-seed{seed}",  # type: ignore[arg-type]
         overwrite=overwrite,
         storage_options=options,
+        labels={FAULTS: fault_labels(shape, seed)},  # for the fault-segmentation probe of `seis eval`
     )
     t2 = time.perf_counter()
     stored = _stored_bytes(path, options)

@@ -304,6 +304,17 @@ class MaskedAutoencoder3D(nn.Module):
         patches: (B, S, C*p^3) the slab's patches (`patchify`); keep (B, v) and masked (B, m): slab-local
         token ids; offset: flat id of the slab's first token; with_cls: this slab carries the cls token.
         """
+        ac = self._checkpointing()
+        h = self._decode(self._encode(patches, keep, offset, with_cls, ac), keep, masked, offset, ac)
+        if ac is None:
+            return self._masked_loss(h, patches, masked)
+        # Checkpointed, the fp32 targets and differences (4 x 4 KiB per masked token) are not kept.
+        return checkpoint(self._masked_loss, h, patches, masked, use_reentrant=False)
+
+    def _encode(
+        self, patches: torch.Tensor, keep: torch.Tensor, offset: int, with_cls: bool, ac: dict[str, object] | None
+    ) -> torch.Tensor:
+        """Encoder output of the visible tokens `keep` (B, v, D), the cls token dropped."""
         b = patches.shape[0]
         h = self.patch_embed(gather_tokens(patches, keep))
         h = h + sincos_3d(keep + offset, self.grid, h.shape[-1]).to(h.dtype)
@@ -313,20 +324,29 @@ class MaskedAutoencoder3D(nn.Module):
             # Context-parallel ranks without the cls token still put it in their graph (with a zero gradient),
             # so every rank's gradient reduction covers the same parameters.
             h = h + 0 * self.cls_token.to(h.dtype)
-        ac = self._checkpointing()
         h = self.encoder_norm(self._blocks(self.encoder, h, ac))
-        if with_cls:
-            h = h[:, 1:]
+        return h[:, 1:] if with_cls else h
 
+    def _decode(
+        self, h: torch.Tensor, keep: torch.Tensor, masked: torch.Tensor, offset: int, ac: dict[str, object] | None
+    ) -> torch.Tensor:
+        """Decoder states of the masked tokens (B, m, decoder_dim), before the decoder norm."""
         h = self.decoder_embed(h)
         n_vis = h.shape[1]
-        h = torch.cat([h, self.mask_token.to(h.dtype).expand(b, masked.shape[1], -1)], dim=1)
+        h = torch.cat([h, self.mask_token.to(h.dtype).expand(h.shape[0], masked.shape[1], -1)], dim=1)
         h = h + sincos_3d(torch.cat([keep, masked], dim=1) + offset, self.grid, h.shape[-1]).to(h.dtype)
-        h = self._blocks(self.decoder, h, ac)
-        if ac is None:
-            return self._masked_loss(h[:, n_vis:], patches, masked)
-        # Checkpointed, the fp32 targets and differences (4 x 4 KiB per masked token) are not kept.
-        return checkpoint(self._masked_loss, h[:, n_vis:], patches, masked, use_reentrant=False)
+        return self._blocks(self.decoder, h, ac)[:, n_vis:]
+
+    def predict(self, patches: torch.Tensor, keep: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """The prediction of each masked patch (B, m, C*p^3), in the loss target's space (per-patch normalised
+        under norm_pix_loss); one process, whole crops (evaluation)."""
+        h = self._decode(self._encode(patches, keep, 0, True, None), keep, masked, 0, None)
+        return self.decoder_pred(self.decoder_norm(h))
+
+    def features(self, patches: torch.Tensor) -> torch.Tensor:
+        """Encoder output of every token of whole crops, nothing masked: (B, N, D) in token order."""
+        ids = torch.arange(patches.shape[1], device=patches.device).expand(patches.shape[0], -1)
+        return self._encode(patches, ids, 0, True, None)
 
 
 def _save_attention() -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:

@@ -112,6 +112,11 @@ class DeepSpeedZeroEngine(Engine):
         self.ds.backward(loss * self.loss_factor, scale_wrt_gas=False)
         return loss.detach()
 
+    def evaluate(self, batch: MicroBatch) -> torch.Tensor:
+        with torch.no_grad():  # through DeepSpeed's engine: ZeRO-3 gathers the partitioned parameters
+            return self.ds(batch.patches.to(self.dtype), batch.keep, batch.masked, offset=batch.offset,
+                           with_cls=batch.with_cls).float()  # fmt: skip
+
     def step(self, lr: float) -> torch.Tensor:
         set_lr(self.optimizer, lr)
         self.ds.step()

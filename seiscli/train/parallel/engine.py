@@ -59,6 +59,12 @@ class Engine(ABC):
         """Clip, apply the optimizer at `lr`, zero the gradients; returns the global gradient norm before
         clipping (a 0-d tensor, the same on every rank)."""
 
+    def evaluate(self, batch: MicroBatch) -> torch.Tensor:
+        """This rank's loss sum over the masked patches of `batch`, no gradient (held-out eval in training).
+        Collective where the forward is (FSDP2, ZeRO-3): every rank calls it with its own batch."""
+        with torch.no_grad(), autocast(self.recipe, self.env.device):
+            return self.module(batch.patches, batch.keep, batch.masked, offset=batch.offset, with_cls=batch.with_cls)
+
     def config_files(self) -> dict[str, dict]:
         """Files (name -> JSON-able content) the entry point writes into the run directory, e.g. the
         generated DeepSpeed config, so a run records what its strategy was configured with."""

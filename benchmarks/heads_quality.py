@@ -1,0 +1,125 @@
+"""Heads of 64 vs heads of 128 at equal samples: held-out reconstruction and the fault probe (QUALITY.md).
+
+Each (variant, seed) trains with `python -m seiscli.train` on one device from the same labelled volume (written
+by `seis data synth`), then `python -m seiscli.train.eval` scores its last checkpoint. The model differs
+only in the number of heads (encoder 256 wide: 4 heads of 64 or 2 of 128; decoder 128 wide: 2 of 64 or 1 of
+128); the seed sets the initialisation, the crop stream and the masks. Prints a table, writes JSON to --out.
+
+    python benchmarks/heads_quality.py --volume /tmp/vol.mdio --out results/ --steps 1500 --seeds 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from seiscli.recipe import load_recipe
+
+VARIANTS = {"heads64": (4, 2), "heads128": (2, 1)}  # (encoder_heads, decoder_heads) at dims 256 / 128
+
+
+def recipe_for(variant: str, seed: int, volume: str, steps: int, batch: int, device: str) -> Any:
+    enc, dec = VARIANTS[variant]
+    return load_recipe(
+        "smoke",
+        {
+            "name": f"quality-{variant}-s{seed}",
+            "cluster.nodes": 1,
+            "cluster.gpus_per_node": 1 if device == "cuda" else 0,
+            "cluster.cpu_procs_per_node": 1,
+            "model.patch_size": 8,
+            "model.encoder_depth": 4,
+            "model.encoder_dim": 256,
+            "model.encoder_heads": enc,
+            "model.decoder_depth": 2,
+            "model.decoder_dim": 128,
+            "model.decoder_heads": dec,
+            "data.source": "mdio",
+            "data.uris": [volume],
+            "data.crop": [64, 64, 64],
+            "data.holdout_fraction": 0.34,
+            "data.workers": 6,
+            "train.steps": steps,
+            "train.micro_batch": batch,
+            "train.seed": seed,
+            "train.device": device,
+            "train.precision": "bf16" if device == "cuda" else "fp32",
+            "train.threads": None,
+            "optim.lr": 1e-3,
+            "optim.warmup_steps": max(1, steps // 20),
+            "optim.weight_decay": 0.05,
+            "checkpoint.interval": 0,
+            "logging.interval": max(1, steps // 5),
+            "eval.samples": 32,
+        },
+    )
+
+
+def run(cmd: list[str], log: Path) -> None:
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)} exited {proc.returncode}; see {log}:\n{log.read_text()[-3000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--volume", required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/heads-quality"))
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--probe-crops", type=int, default=16)
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in args.seeds:
+        for variant in VARIANTS:
+            recipe = recipe_for(variant, seed, args.volume, args.steps, args.batch, args.device)
+            run_dir = args.work / recipe.name
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+            t0 = time.perf_counter()
+            run([sys.executable, "-m", "seiscli.train", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir)],
+                args.work / f"{recipe.name}.train.log")  # fmt: skip
+            train_s = time.perf_counter() - t0
+            summary = json.loads((run_dir / "summary.json").read_text())
+            run([sys.executable, "-m", "seiscli.train.eval", "--run-dir", str(run_dir), "--json", "--device",
+                 args.device, "--probe-crops", str(args.probe_crops), "--out", str(run_dir / "eval")],
+                args.work / f"{recipe.name}.eval.log")  # fmt: skip
+            ev = json.loads((run_dir / "eval" / "eval.json").read_text())
+            row = {
+                "variant": variant,
+                "seed": seed,
+                "samples": args.steps * args.batch,
+                "final_train_loss": summary["final_loss"],
+                "train_s": train_s,
+                "samples_per_s": summary.get("samples_per_s"),
+                "heldout_loss": ev["reconstruction"]["loss"],
+                "psnr_db": ev["reconstruction"]["psnr_db"],
+                "probe_iou": ev["probe"]["trained"]["iou"],
+                "probe_f1": ev["probe"]["trained"]["f1"],
+                "floor_iou": ev["probe"]["random_encoder"]["iou"],
+                "floor_f1": ev["probe"]["random_encoder"]["f1"],
+                "device": ev["device"],
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    (args.out / "heads_quality.json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out),
+        "work": str(args.work)}, "rows": rows}, indent=2) + "\n")  # fmt: skip
+    print("variant   seed  train_loss  heldout_loss  psnr_db  probe_iou  floor_iou  probe_f1  floor_f1  samples/s")
+    for r in rows:
+        print(f"{r['variant']:9} {r['seed']:4}  {r['final_train_loss']:10.4f}  {r['heldout_loss']:12.4f}  "
+              f"{r['psnr_db']:7.2f}  {r['probe_iou']:9.3f}  {r['floor_iou']:9.3f}  {r['probe_f1']:8.3f}  "
+              f"{r['floor_f1']:8.3f}  {r['samples_per_s'] or 0:9.1f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
