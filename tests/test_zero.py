@@ -64,6 +64,36 @@ def test_config_follows_the_recipe() -> None:
     json.dumps(cfg)  # written into the run directory as JSON
 
 
+def precision_worker(rank: int, world: int, recipes: dict[str, dict]) -> dict[str, list[str]]:
+    """The reduction and accumulation dtypes real engines run with (DeepSpeed's own view, not our config)."""
+    env = DistEnv(rank, world, 0, "test", torch.device("cpu"), cp=1)
+    seen = {}
+    for strategy, data in recipes.items():
+        recipe = validate(data)
+        ds = build_engine(build_model(recipe, env.device), recipe, env).ds
+        opt = ds.optimizer
+        # ZeRO-1 with bf16 weights and fp32 accumulation runs DeepSpeed's BF16_Optimizer (grad_acc_dtype), which
+        # all-reduces through the engine's communication_data_type; ZeRO-2/3 optimizers carry both themselves.
+        dtypes = [ds.communication_data_type, ds.get_data_types()[1]]
+        attrs = ("communication_data_type", "gradient_accumulation_dtype", "grad_acc_dtype")
+        dtypes += [getattr(opt, a) for a in attrs if hasattr(opt, a)]
+        seen[strategy] = [str(d) for d in dtypes]
+        ds.destroy()
+    return seen
+
+
+@pytest.mark.slow
+def test_bf16_gradients_are_reduced_and_accumulated_in_fp32() -> None:
+    """Issue 11: unset, both follow the model dtype, and a 128-rank ring reduction in bf16 loses ~1 %."""
+    recipes = {}
+    for strategy in STAGES:
+        recipes[strategy] = zero_recipe(strategy, 2, 1, 2).model_dump(mode="json")
+        recipes[strategy]["train"]["precision"] = "bf16"
+    seen = run_distributed(precision_worker, 2, recipes)
+    for strategy in STAGES:
+        assert len(seen[strategy]) >= 3 and set(seen[strategy]) == {"torch.float32"}, (strategy, seen[strategy])
+
+
 def test_context_parallel_is_refused_by_the_recipe() -> None:
     with pytest.raises(RecipeError, match=r"parallelism.cp=2 with parallelism.strategy=zero2: .* fsdp2 or ddp"):
         load_recipe("smoke", {"parallelism.strategy": "zero2", "parallelism.cp": 2})
