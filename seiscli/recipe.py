@@ -270,6 +270,14 @@ class Recipe(_Section):
                 "runs with strategy fsdp2 or ddp; allowed with zero1/zero2/zero3: parallelism.cp=1"
             )
         self._check_shard_size(cp, world)
+        on_cpu = self.train.device == "cpu" or self.cluster.gpus_per_node == 0
+        if cp > 1 and on_cpu and self.model.attention in ("flash", "cudnn"):
+            # Ring attention's flash/cudnn block kernels are aten's CUDA ones (the CPU flash kernel is "auto").
+            raise ValueError(
+                f"model.attention={self.model.attention!r} with parallelism.cp={cp} on CPU (cluster.gpus_per_node="
+                f"{self.cluster.gpus_per_node}, train.device={self.train.device}): ring attention's "
+                f"{self.model.attention} kernel needs CUDA; allowed on CPU with cp > 1: auto or math"
+            )
         n = self.num_tokens
         if n % cp:
             raise ValueError(f"the crop's {n} tokens do not split over parallelism.cp={cp}")
