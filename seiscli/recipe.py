@@ -216,6 +216,9 @@ class Checkpoint(_Section):
     dir: str | None = Field(None, description="a path every node mounts; default <run dir>/checkpoints")
     interval: int = Field(500, ge=0, description="steps between saves; 0 = only on signal and at the end")
     keep: int = Field(3, ge=1)
+    save_timeout_s: int = Field(
+        600, ge=10, description="a save not finished on every rank by then stops the job (exit 1), not the GPUs idle"
+    )
 
     @field_validator("dir")
     @classmethod
