@@ -1,9 +1,10 @@
 """`python -m seiscli.train RECIPE.yaml --run-dir DIR`: set up, train, exit with a meaningful code.
 
 Exit codes: 0 finished (or checkpointed and requeued after SIGUSR1); 2 bad recipe or launch, or a checkpoint
-this run cannot resume from (one line on stderr says what to change); 1 any other failure (traceback, then
-one `error:` line); 128 + signal number when stopped by a signal after a clean end of step and a checkpoint
-(143 SIGTERM, 130 SIGINT, 138 SIGUSR1 outside Slurm).
+this run cannot resume from, or none that loads (one line on stderr says what to change); 1 any other failure
+(traceback, then one `error:` line; a checkpoint save past checkpoint.save_timeout_s: one line); 128 + signal
+number when stopped by a signal after a clean end of step and a checkpoint (143 SIGTERM, 130 SIGINT, 138 SIGUSR1
+outside Slurm).
 """
 
 from __future__ import annotations
