@@ -13,7 +13,8 @@ Layout of `checkpoint.dir` (default `<run dir>/checkpoints`):
 
 A checkpoint becomes visible only by the rename of its finished `.tmp` directory, so a crash mid-save
 leaves a `.tmp` that resume ignores. Resume takes the newest directory whose manifest is present and whose
-files all have the sizes it lists; any other is skipped with a warning naming it. `latest` is for people
+files all have the sizes it lists; any other is skipped with a warning naming it. One whose files then fail
+to load is renamed `step-000120.bad` (no longer a candidate) and the next older one tried. `latest` is for people
 and tools; resume does not trust it (the process may have died between the rename and the pointer).
 """
 

@@ -259,6 +259,9 @@ class Checkpoint(_Section):
     dir: str | None = Field(None, description="a path every node mounts; default <run dir>/checkpoints")
     interval: int = Field(500, ge=0, description="steps between saves; 0 = only on signal and at the end")
     keep: int = Field(3, ge=1)
+    save_timeout_s: int = Field(
+        600, ge=10, description="a save not finished on every rank by then stops the job (exit 1), not the GPUs idle"
+    )
 
     @field_validator("dir")
     @classmethod
@@ -342,6 +345,14 @@ class Recipe(_Section):
             raise ValueError(
                 f"eval.interval={self.eval.interval} but data.holdout_fraction=0 reserves no held-out region; "
                 "allowed: a data.holdout_fraction in (0, 1), or eval.interval=0"
+            )
+        on_cpu = self.train.device == "cpu" or self.cluster.gpus_per_node == 0
+        if cp > 1 and on_cpu and self.model.attention in ("flash", "cudnn"):
+            # Ring attention's flash/cudnn block kernels are aten's CUDA ones (the CPU flash kernel is "auto").
+            raise ValueError(
+                f"model.attention={self.model.attention!r} with parallelism.cp={cp} on CPU (cluster.gpus_per_node="
+                f"{self.cluster.gpus_per_node}, train.device={self.train.device}): ring attention's "
+                f"{self.model.attention} kernel needs CUDA; allowed on CPU with cp > 1: auto or math"
             )
         n = self.num_tokens
         if n % cp:

@@ -561,3 +561,111 @@ def test_slurm_usr1_warning_checkpoints_requeues_and_the_next_attempt_resumes(tm
         assert steps[: saved.step + 1] == list(range(1, saved.step + 2))  # one line per step across attempts
     finally:
         run_slurm(["scancel", str(job_id)])
+
+
+# -- fallback to an older checkpoint, fsync, bounded saves (issue 11, item 3) ----------------------------------
+
+
+class HangingState:
+    """The real loader, except that rank `rank`'s state_dict never returns: a rank hung in the middle of a save."""
+
+    def __init__(self, loader: Any, rank: int, hang_on: int) -> None:
+        self.loader, self.hang = loader, rank == hang_on
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.loader)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.hang:
+            time.sleep(3600)
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+
+def fallback_run(rank: int, world_size: int, recipe_data: dict, run_dir: str, hang_on: int = -1) -> dict[str, Any]:
+    """Resume (falling back as needed) and train; every rank's start step and the files it fsynced."""
+    import torch.distributed as dist
+
+    recipe = validate(recipe_data)
+    Path(run_dir).mkdir(exist_ok=True)
+    env = DistEnv(rank, world_size, 0, "test", torch.device("cpu"), cp=1)
+    engine = build_engine(build_model(recipe, env.device), recipe, env)
+    loader = HangingState(build_loader(recipe, dp_rank=rank, dp_size=world_size, device=env.device), rank, hang_on)
+    manager = CheckpointManager(recipe, env, Path(run_dir))
+    start = manager.resume(engine, loader)
+    plan = plan_for(recipe)
+    Trainer(recipe, env, engine, loader, plan, recipe_flops(recipe, plan), Path(run_dir), manager).run(start)
+    starts: list[Any] = [None] * world_size
+    synced: list[Any] = [None] * world_size
+    dist.all_gather_object(starts, start)
+    dist.all_gather_object(synced, [str(p) for p in getattr(manager, "synced", [])])
+    return {"starts": starts, "synced": synced}
+
+
+def _unloadable(path: Path) -> None:
+    """Same size, bytes no loader accepts (a torn write or a bad disk block)."""
+    path.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(path.stat().st_size)))
+
+
+@pytest.mark.slow
+def test_an_unloadable_newest_checkpoint_falls_back_to_the_previous_one(
+    tmp_path: Path, data_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    over = {"train.steps": 4, "checkpoint.interval": 2, "checkpoint.keep": 3}
+    first = run_distributed(fallback_run, 2, tiny(2, **over).model_dump(mode="json"), str(tmp_path))
+    root = tmp_path / "checkpoints"
+    assert first["starts"] == [0, 0]
+    # Every file the manifest lists was fsynced (by one process per node) before the manifest was written.
+    listed = {str(root / "step-000004.tmp" / rel) for rel in read_manifest(root / "step-000004")["files"]}
+    assert listed <= {p for files in first["synced"] for p in files}
+    before = _losses(tmp_path)
+    _unloadable(root / "step-000004" / "engine" / "model_optim.pt")
+    assert read_manifest(root / "step-000004")  # sizes match: only loading it can tell
+    capfd.readouterr()
+
+    again = run_distributed(fallback_run, 2, tiny(2, **over).model_dump(mode="json"), str(tmp_path))
+    assert again["starts"] == [2, 2]
+    err = capfd.readouterr().err
+    assert f"checkpoint {root / 'step-000004'} (step 4) could not be loaded on 2 rank(s)" in err, err
+    assert "renamed to step-000004.bad; trying the previous complete checkpoint" in err
+    assert (root / "step-000004.bad").is_dir() and find_latest(root).step == 4  # type: ignore[union-attr]
+    assert _losses(tmp_path) == before  # steps 3-4 redone from step 2, exactly
+
+
+@pytest.mark.slow
+def test_all_ranks_fall_back_together_when_one_rank_cannot_load(tmp_path: Path, data_dir: Path) -> None:
+    over = {"train.steps": 4, "checkpoint.interval": 2, "checkpoint.keep": 3}
+    run_distributed(fallback_run, 2, tiny(2, **over).model_dump(mode="json"), str(tmp_path))
+    root = tmp_path / "checkpoints"
+    _unloadable(root / "step-000004" / "trainer" / "rank-00001.pt")  # rank 0 alone would load step 4
+    again = run_distributed(fallback_run, 2, tiny(2, **over).model_dump(mode="json"), str(tmp_path))
+    assert again["starts"] == [2, 2]
+
+
+def test_exit_2_only_when_no_checkpoint_loads(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    recipe, env = tiny(), single_env()
+    engine = build_engine(build_model(recipe, env.device), recipe, env)
+    manager = CheckpointManager(recipe, env, tmp_path)
+    for step in (1, 2):
+        train_one_step(engine, recipe, step)
+        manager.save(step, engine, loader=None)
+    for step in (1, 2):
+        _unloadable(manager.root / f"step-00000{step}" / "engine" / "model_optim.pt")
+    with pytest.raises(CheckpointError, match=r"no checkpoint under .* could be loaded \(renamed: step-000002.bad, "):
+        CheckpointManager(recipe, env, tmp_path).resume(engine, None)
+
+
+@pytest.mark.slow
+def test_a_rank_hung_in_a_save_stops_the_job_within_the_save_timeout(
+    tmp_path: Path, data_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    over = {"train.steps": 4, "checkpoint.interval": 2, "checkpoint.save_timeout_s": 10}
+    with pytest.raises(AssertionError) as failed:  # well before the harness's own timeout, let alone 30 minutes
+        run_distributed(fallback_run, 2, tiny(2, **over).model_dump(mode="json"), str(tmp_path), 1, timeout=240)
+    assert "exit code 1" in str(failed.value), str(failed.value)
+    err = capfd.readouterr().err
+    assert "checkpoint save of step 2 on rank " in err and "checkpoint.save_timeout_s=10s" in err, err
+    assert not (tmp_path / "checkpoints" / "step-000002").exists()  # never committed

@@ -87,3 +87,68 @@ def test_message_count() -> None:
 def test_unknown_backend_named() -> None:
     with pytest.raises(ValueError, match="allowed: math, cpu_flash, flash, cudnn"):
         ra.default_block_backend(torch.device("cpu"), "triton")
+
+
+# -- guards (issue 11, item 4) ------------------------------------------------------------------------------
+
+
+def _unequal_lengths(rank: int, ws: int) -> list[str]:
+    """Rank r holds 5 + r tokens; every rank must get the same clear error (unchecked, gloo aborts in C++)."""
+    q, k, v = (torch.randn(1, 2, 5 + rank, 8) for _ in range(3))
+    with pytest.raises(ra.RingShapeError) as err:
+        ra.ring_attention(q, k, v, dist.group.WORLD)
+    # A later, well-formed call still works: the failed check left nothing half-done.
+    same = [torch.randn(1, 2, 4, 8) for _ in range(3)]
+    assert ra.ring_attention(*same, dist.group.WORLD).shape == (1, 2, 4, 8)
+    msgs = [None] * ws
+    dist.all_gather_object(msgs, str(err.value))
+    return msgs
+
+
+def test_unequal_local_lengths_are_a_clear_error_on_every_rank() -> None:
+    msgs = run_distributed(_unequal_lengths, 2)
+    assert len(set(msgs)) == 1, msgs
+    assert "rank 0: q (1, 2, 5, 8) k (1, 2, 5, 8); rank 1: q (1, 2, 6, 8) k (1, 2, 6, 8)" in msgs[0]
+    assert "same number of tokens" in msgs[0]
+
+
+def _math_under_autocast(rank: int, ws: int) -> float:
+    """The math kernel in fp32 under the trainer's bf16 autocast, against fp64 full attention."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v, dout = (torch.randn(1, 2, ws * 16, 32, generator=g, dtype=torch.float64) for _ in range(4))
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out = F.scaled_dot_product_attention(*ref)
+    ref_out.backward(dout)
+    loc = [t.chunk(ws, dim=2)[rank].float().requires_grad_() for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ra.ring_attention(*loc, dist.group.WORLD, backend="math")
+    out.backward(dout.chunk(ws, dim=2)[rank].float())
+    errs = [rel_err(out, ref_out.chunk(ws, dim=2)[rank])]
+    errs += [rel_err(a.grad, b.grad.chunk(ws, dim=2)[rank]) for a, b in zip(loc, ref, strict=True)]
+    worst = torch.tensor(max(errs), dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return worst.item()
+
+
+def test_math_kernel_stays_fp32_under_bf16_autocast() -> None:
+    # Under autocast its matmuls ran in bf16: ~1e-2 off. fp32 everywhere: ~1e-6.
+    assert run_distributed(_math_under_autocast, 2) < 2e-5
+
+
+def test_flash_ring_kernel_on_cpu_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"model.attention='flash' with parallelism.cp > 1 needs CUDA.*auto or math"):
+        ra.default_block_backend(torch.device("cpu"), "flash")
+    assert ra.default_block_backend(torch.device("cpu"), "math") == "math"
+
+
+def test_flash_with_cp_on_cpu_is_refused_by_the_recipe() -> None:
+    from seiscli.recipe import RecipeError, load_recipe
+
+    for kernel in ("flash", "cudnn"):
+        with pytest.raises(
+            RecipeError, match=rf"model.attention='{kernel}' with parallelism.cp=2 on CPU .*auto or math"
+        ):
+            load_recipe("smoke", {"parallelism.cp": 2, "model.attention": kernel})
+    load_recipe("smoke", {"parallelism.cp": 2, "model.attention": "math"})
+    gpu = {"cluster.gpus_per_node": 2, "cluster.nodes": 1, "parallelism.cp": 2, "model.attention": "flash"}
+    assert load_recipe("smoke", gpu | {"train.device": "auto"}).model.attention == "flash"

@@ -10,6 +10,8 @@ import json
 import os
 import random
 import shutil
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +54,62 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _sync_tree(root: Path) -> list[Path]:
+    """fsync every file under `root`, then every directory, deepest first; returns the files. An fsync flushes
+    this node's dirty pages of a file whoever wrote it, so one process per node covers every rank there."""
+    files: list[Path] = []
+    dirs: list[Path] = []
+    for dirpath, _, names in os.walk(root):
+        dirs.append(Path(dirpath))
+        for name in names:
+            path = Path(dirpath) / name
+            if path.is_symlink() or not path.is_file():
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            files.append(path)
+    for d in reversed(dirs):
+        _fsync_dir(d)
+    return files
+
+
+class _SaveDeadline:
+    """Ends this process (exit 1, one line) if a save has not finished on it within `seconds`: a rank hung on
+    the filesystem, or waiting at a barrier for one, would otherwise hold every GPU until the process group's
+    30-minute timeout. Every rank runs its own, so the whole job stops at about the same time; the unfinished
+    `.tmp` directory is ignored and resume takes the previous complete checkpoint."""
+
+    def __init__(self, seconds: float, what: str) -> None:
+        self.seconds, self.what = seconds, what
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="seis-save-deadline", daemon=True)
+
+    def _watch(self) -> None:
+        if not self._done.wait(self.seconds):
+            print(
+                f"seis: error: {self.what} did not finish within checkpoint.save_timeout_s={self.seconds:g}s (a hung "
+                "filesystem or peer rank); exiting 1 instead of holding the GPUs until the process-group timeout",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(1)
+
+    def __enter__(self) -> _SaveDeadline:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 def _rng_state(device: Any) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -90,6 +148,7 @@ class CheckpointManager:
         self.keep = recipe.checkpoint.keep
         self.last_step: int | None = None  # the step last saved or resumed from
         self.resumed_from: Path | None = None  # the checkpoint this attempt started from
+        self.synced: list[Path] = []  # the files this rank fsynced in the last save
 
     # -- collectives ---------------------------------------------------------------------------
 
@@ -116,6 +175,11 @@ class CheckpointManager:
 
     def save(self, step: int, engine: Engine, loader: Any) -> Path:
         """Save the state after `step` steps; collective. Returns the checkpoint directory."""
+        what = f"checkpoint save of step {step} on rank {self.env.rank}"
+        with _SaveDeadline(self.recipe.checkpoint.save_timeout_s, what):
+            return self._save(step, engine, loader)
+
+    def _save(self, step: int, engine: Engine, loader: Any) -> Path:
         import torch
 
         t0 = time.perf_counter()
@@ -133,6 +197,10 @@ class CheckpointManager:
         if hasattr(loader, "state_dict"):
             state["loader"] = loader.state_dict()
         torch.save(state, tmp / "trainer" / f"rank-{self.env.rank:05d}.pt")
+        self._barrier()
+        # Every rank's files reach the disk before the manifest says the checkpoint is complete: one process
+        # per node syncs them all (after the barrier, every rank of the node has written its own).
+        self.synced = _sync_tree(tmp) if self.env.local_rank == 0 else []
         self._barrier()
         if self.env.is_main:
             self._commit(tmp, final, step, engine)
@@ -188,30 +256,43 @@ class CheckpointManager:
 
     # -- resume ----------------------------------------------------------------------------------
 
-    def resume(self, engine: Engine, loader: Any) -> int:
-        """Load the newest complete checkpoint, if any; returns the step to continue from (0: fresh start).
-        Raises CheckpointError when the newest complete checkpoint cannot be loaded into this run."""
-        import torch
+    def _gather(self, value: Any) -> list[Any]:
+        if not self.env.distributed:
+            return [value]
+        import torch.distributed as dist
 
-        chosen = self._from_main(find_latest(self.root) if self.env.is_main else None)
-        if chosen is None:
-            return 0
-        found: Found = chosen
-        problem = incompatibility(found.manifest, self.recipe, reshardable=engine.reshardable)
-        if problem:
-            raise CheckpointError(f"cannot resume from {found.path}: {problem}")
-        try:
-            engine.load(found.path / "engine")
-        except CheckpointError:
-            raise
-        except (RuntimeError, KeyError, ValueError, OSError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"cannot resume from {found.path}: {first}") from e
+        out: list[Any] = [None] * self.env.world_size
+        dist.all_gather_object(out, value)
+        return out
+
+    def resume(self, engine: Engine, loader: Any) -> int:
+        """Load the newest complete checkpoint that every rank can load; returns the step to continue from (0: a
+        fresh start). One that fails to load on any rank is renamed `<name>.bad`, reported, and the next older
+        one tried, all ranks together (rank 0 picks, all load, all agree). Raises CheckpointError when the newest
+        does not fit this run (model shape, strategy, world size) or when none of them loads."""
+        bad: list[str] = []
+        while True:
+            chosen = self._from_main(find_latest(self.root) if self.env.is_main else None)
+            if chosen is None:
+                if bad:
+                    raise CheckpointError(
+                        f"no checkpoint under {self.root} could be loaded (renamed: {', '.join(bad)}); "
+                        "fix or remove them, or start the run afresh elsewhere"
+                    )
+                return 0
+            found: Found = chosen
+            problem = incompatibility(found.manifest, self.recipe, reshardable=engine.reshardable)
+            if problem:
+                raise CheckpointError(f"cannot resume from {found.path}: {problem}")
+            state, error = self._try_load(found, engine)
+            errors = self._gather(error)
+            failed = [(rank, e) for rank, e in enumerate(errors) if e]
+            if not failed:
+                break
+            bad.append(self._set_aside(found, failed))
         step = found.step
-        mine = found.path / "trainer" / f"rank-{self.env.rank:05d}.pt"
         same_layout = found.manifest["world_size"] == self.env.world_size and found.manifest["cp"] == self.env.cp
-        if same_layout:
-            state = torch.load(mine, map_location="cpu", weights_only=True)
+        if state is not None:
             _set_rng_state(state["rng"], self.env.device)
             if hasattr(loader, "load_state_dict") and "loader" in state:
                 loader.load_state_dict(state["loader"])
@@ -226,3 +307,41 @@ class CheckpointManager:
         self.last_step = step
         self.resumed_from = found.path
         return step
+
+    def _try_load(self, found: Found, engine: Engine) -> tuple[dict[str, Any] | None, str | None]:
+        """Load the engine and read this rank's trainer state (applied only once every rank succeeded);
+        returns (trainer state or None on another layout, None) or (None, why it failed)."""
+        import torch
+
+        try:
+            engine.load(found.path / "engine")
+            if found.manifest["world_size"] != self.env.world_size or found.manifest["cp"] != self.env.cp:
+                return None, None
+            mine = found.path / "trainer" / f"rank-{self.env.rank:05d}.pt"
+            state = torch.load(mine, map_location="cpu", weights_only=True)
+            if state.get("step") != found.step:
+                return None, f"{mine.name} holds step {state.get('step')}, the manifest {found.step}"
+            return state, None
+        except Exception as e:  # whatever a damaged file raises (zip, pickle, shapes): the same fallback
+            return None, _first_line(e)
+
+    def _set_aside(self, found: Found, failed: list[tuple[int, str]]) -> str:
+        """Rank 0 renames a checkpoint that did not load to `<name>.bad` (never a candidate again, kept to be
+        looked at) and says why; collective."""
+        target = found.path.with_name(f"{found.path.name}.bad")
+        if self.env.is_main:
+            n = 1
+            while target.exists():
+                n += 1
+                target = found.path.with_name(f"{found.path.name}.bad{n}")
+            os.rename(found.path, target)
+            _fsync_dir(self.root)
+            rank, why = failed[0]
+            print(
+                f"seis: warning: checkpoint {found.path} (step {found.step}) could not be loaded on {len(failed)} "
+                f"rank(s) (rank {rank}: {why}); renamed to {target.name}; trying the previous complete checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
+        self._barrier()
+        return self._from_main(target.name)

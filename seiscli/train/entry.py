@@ -1,11 +1,11 @@
 """`python -m seiscli.train RECIPE.yaml --run-dir DIR`: set up, train, exit with a meaningful code.
 
 Exit codes (seiscli/run_layout.py; the job script's retry policy acts on them): 0 finished (or checkpointed and
-requeued after SIGUSR1); 2 bad recipe or launch, or a checkpoint this run cannot resume from (one line on
-stderr says what to change); 3 a communication failure (NCCL/gloo error or timeout, a peer gone); 4 a
-data-loader worker killed (OOM killer); 1 any other failure (traceback, then one `error:` line); 128 + signal
-number when stopped by a signal after a clean end of step and a checkpoint
-(143 SIGTERM, 130 SIGINT, 138 SIGUSR1 outside Slurm).
+requeued after SIGUSR1); 2 bad recipe or launch, or a checkpoint this run cannot resume from, or none that loads
+(one line on stderr says what to change); 3 a communication failure (NCCL/gloo error or timeout, a peer gone);
+4 a data-loader worker killed (OOM killer); 1 any other failure (traceback, then one `error:` line; a checkpoint
+save past checkpoint.save_timeout_s: one line); 128 + signal number when stopped by a signal after a clean end
+of step and a checkpoint (143 SIGTERM, 130 SIGINT, 138 SIGUSR1 outside Slurm).
 """
 
 from __future__ import annotations

@@ -242,12 +242,17 @@ class MaskedAutoencoder3D(nn.Module):
     def set_context_parallel(self, group: dist.ProcessGroup | None, attention: str = "auto") -> None:
         """Attend across the ranks of `group` (ring attention); each rank's forward then sees one slab."""
         # Imported here: the parallel package imports this module.
-        from seiscli.train.parallel.ring_attention import ring_attention
+        from seiscli.train.parallel.ring_attention import default_block_backend, ring_attention
 
         if attention == "efficient":
             raise RecipeError(
                 "model.attention='efficient' has no ring-attention kernel; with cp > 1 use auto, cudnn, flash or math"
             )
+        if group is not None:
+            try:  # a kernel this device lacks fails here, not at the first forward
+                default_block_backend(self.cls_token.device, attention)
+            except ValueError as e:
+                raise RecipeError(str(e)) from None
         ring = None if group is None else functools.partial(ring_attention, group=group, backend=attention)
         for m in self.modules():
             if isinstance(m, Attention):

@@ -24,14 +24,48 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 BLOCK_BACKENDS = ("math", "cpu_flash", "flash", "cudnn")
+CUDA_ONLY = ("flash", "cudnn")  # aten's CUDA kernels: no CPU implementation
 
 
 def default_block_backend(device: torch.device, preferred: str = "auto") -> str:
     if preferred != "auto":
         if preferred not in BLOCK_BACKENDS:
             raise ValueError(f"ring attention backend {preferred!r}; allowed: {', '.join(BLOCK_BACKENDS)}")
+        if preferred in CUDA_ONLY and device.type != "cuda":
+            raise ValueError(
+                f"model.attention={preferred!r} with parallelism.cp > 1 needs CUDA (ring attention's {preferred} "
+                f"block kernel is aten's CUDA one); on {device.type} use model.attention auto or math"
+            )
         return preferred
     return "cudnn" if device.type == "cuda" else "cpu_flash"
+
+
+class RingShapeError(ValueError):
+    """The ranks of a context-parallel group hold blocks of different shapes (the ring needs equal ones)."""
+
+
+_verified: set[tuple[int, tuple[int, ...]]] = set()  # (id of the group, local q and k shapes) found equal
+
+
+def check_equal_shapes(q: torch.Tensor, k: torch.Tensor, group: dist.ProcessGroup) -> None:
+    """Raise RingShapeError on every rank when the group's local q/k shapes differ. Collective on the first call
+    with a given group and shape only (the shapes follow the masking plan, fixed for a run), so a step pays
+    nothing; unchecked, gloo aborts with a C++ error and NCCL hangs or exchanges garbage."""
+    mine = (*q.shape, *k.shape)
+    key = (id(group), mine)
+    if key in _verified:
+        return
+    local = torch.tensor(mine, dtype=torch.int64, device=q.device)
+    rows = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, local, group=group)
+    shapes = [tuple(r.tolist()) for r in rows]
+    if any(s != shapes[0] for s in shapes):
+        each = "; ".join(f"rank {i}: q {s[: q.dim()]} k {s[q.dim() :]}" for i, s in enumerate(shapes))
+        raise RingShapeError(
+            f"ring attention: the context-parallel group's local blocks differ ({each}); every rank of a cp group "
+            "must hold the same number of tokens (the crop's tokens split evenly over parallelism.cp)"
+        )
+    _verified.add(key)
 
 
 # -- block kernels ---------------------------------------------------------------------------------
@@ -228,7 +262,10 @@ class _RingAttention(torch.autograd.Function):
         scale: float,
         backend: str,
     ) -> torch.Tensor:
-        out, lse, extras = ring_forward(q, k, v, group, scale, backend)
+        # The kernels choose their dtypes themselves (fp32 accumulation); the trainer's bf16 autocast would
+        # otherwise run the math kernel's "fp32" matmuls in bf16 (~1e-2 error instead of ~1e-6).
+        with torch.autocast(q.device.type, enabled=False):
+            out, lse, extras = ring_forward(q, k, v, group, scale, backend)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.scale, ctx.backend, ctx.extras = group, scale, backend, extras
         return out
@@ -236,7 +273,8 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.group, ctx.scale, ctx.backend, ctx.extras)
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.group, ctx.scale, ctx.backend, ctx.extras)
         return dq, dk, dv, None, None, None
 
 
@@ -256,4 +294,6 @@ def ring_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if group is None or dist.get_world_size(group) == 1:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    return _RingAttention.apply(q, k, v, group, scale, default_block_backend(q.device, backend))
+    backend = default_block_backend(q.device, backend)
+    check_equal_shapes(q, k, group)
+    return _RingAttention.apply(q, k, v, group, scale, backend)
