@@ -27,7 +27,7 @@ def _error(msg: str) -> None:
     print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
 
 
-def train(recipe: Recipe, run_dir: Path, started: float) -> int:
+def train(recipe: Recipe, run_dir: Path, started: float, *, sweep: bool = False) -> int:
     # torch is imported here, after the recipe was read, so a bad recipe fails in a fraction of a second.
     from seiscli.train import distributed
     from seiscli.train.checkpoint import CheckpointManager
@@ -52,8 +52,17 @@ def train(recipe: Recipe, run_dir: Path, started: float) -> int:
         loader = build_loader(
             recipe, dp_rank=env.dp_rank, dp_size=env.dp_size, device=env.device, cp_rank=env.cp_rank, cp_size=env.cp
         )
-        checkpoints = CheckpointManager(recipe, env, run_dir)
-        start = checkpoints.resume(engine, loader)  # 0 when there is no checkpoint yet
+        checkpoints: CheckpointManager | None = None
+        start = 0
+        if sweep:
+            # A scaling-sweep size: a short measuring run. No checkpoints; the allocation's collective
+            # bandwidth first (collectives.json), so the report can set measured comm against it.
+            from seiscli.train.attribution import bench_collectives
+
+            bench_collectives(env.device, run_dir if env.is_main else None)
+        else:
+            checkpoints = CheckpointManager(recipe, env, run_dir)
+            start = checkpoints.resume(engine, loader)  # 0 when there is no checkpoint yet
         trainer = Trainer(recipe, env, engine, loader, plan, recipe_flops(recipe, plan), run_dir, checkpoints)
         result = trainer.run(start_step=start, started=started)
     finally:
@@ -68,10 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description="Train the recipe's 3D MAE (run once per process).")
     parser.add_argument("recipe", help="resolved recipe YAML written by the launcher")
     parser.add_argument("--run-dir", required=True, type=Path, help="where metrics.jsonl and summary.json go")
+    parser.add_argument(
+        "--sweep", action="store_true", help="a scaling-sweep measurement: collective benchmark, no checkpoints"
+    )
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe)
-        return train(recipe, args.run_dir, started)
+        return train(recipe, args.run_dir, started, sweep=args.sweep)
     except (RecipeError, LaunchError, CheckpointError) as e:
         _error(str(e))
         return EXIT_USAGE

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from seiscli.recipe import Recipe
+from seiscli.train.attribution import PHASES, StepClock, split_step
 from seiscli.train.checkpoint import CheckpointManager
 from seiscli.train.distributed import DistEnv
 from seiscli.train.flops import MAEFlops, peak_flops
@@ -57,6 +58,7 @@ class Trainer:
         # Global masked-patch count of one optimizer step: every rank divides its local sum by it.
         self.loss_scale = 1.0 / (self.global_batch * plan.masked)
         self.peak = peak_flops(device_name(env.device)) if t.precision == "bf16" else None
+        self.clock = StepClock(env.device, engine.module)  # per-phase times: seiscli/train/attribution.py
 
     def sample_ids(self, accum: int) -> list[int]:
         """Index of each local sample within the step's global batch (the same on all ranks of a cp group)."""
@@ -87,24 +89,35 @@ class Trainer:
     ) -> tuple[dict[str, Any], int | None]:
         """One optimizer step; returns its record and the stop signal every rank agreed on (None: go on)."""
         t0 = time.perf_counter()
+        clock = self.clock
+        clock.begin()
         wait = 0.0
         accum = self.recipe.train.grad_accum
         loss = torch.zeros((), dtype=torch.float64, device=self.env.device)
         for a in range(accum):
             tw = time.perf_counter()
+            m0 = clock.mark()
             try:
                 x = next(batches)
             except StopIteration:
                 raise RuntimeError(f"the data loader ran out of batches at step {step + 1}") from None
             wait += time.perf_counter() - tw
+            m1 = clock.mark()
+            clock.span("data", m0, m1)
             mb = self.micro_batch(x, step, a)
+            clock.before_backward()
             loss += self.engine.forward_backward(mb, loss_scale=self.loss_scale, sync=a == accum - 1)
+            clock.forward_backward(m1, clock.mark())
+        m3 = clock.mark()
         lr = lr_at(step, self.recipe.optim, self.recipe.train.steps)
         grad_norm = self.engine.step(lr)
-        # One collective per step: every rank's loss, stop signal (as a priority) and step time so far.
+        clock.span("optimizer", m3, clock.mark())
+        # One collective per step: every rank's loss, stop signal (as a priority), step time so far and phases.
         if self.env.device.type == "cuda":
             torch.cuda.synchronize(self.env.device)  # this rank's own time, not the kernel launches'
-        mine = torch.tensor([0.0, priority(stop.signum), time.perf_counter() - t0], dtype=torch.float64)
+        phases = clock.totals()
+        own = [time.perf_counter() - t0, *(phases[p] for p in PHASES)]
+        mine = torch.tensor([0.0, priority(stop.signum), *own], dtype=torch.float64)
         mine = mine.to(loss.device)
         mine[0] = loss
         if self.env.distributed:
@@ -117,6 +130,7 @@ class Trainer:
         stop_code = int(max(r[1] for r in per_rank))
         times = [r[2] for r in per_rank]
         dt = time.perf_counter() - t0
+        split = split_step([r[2:] for r in per_rank], dt)
         sps = self.global_batch / dt
         record: dict[str, Any] = {
             "step": step + 1,
@@ -132,6 +146,8 @@ class Trainer:
             "world_size": self.env.world_size,
             "time": time.time(),
             "tflops_per_gpu": self.flops.train * sps / self.env.world_size / 1e12,
+            "time_s": split,  # seconds per phase of this step (attribution.py); they add up to step_time_s
+            "comm_split": clock.comm_split,
         }
         if self.peak:
             record["mfu"] = record["tflops_per_gpu"] * 1e12 / self.peak
