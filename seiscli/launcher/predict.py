@@ -193,7 +193,8 @@ def predict_step(
         per_block = 1 / sizes.blocks
         exposed = hidden(ag, fwd, ag * per_block) + hidden(ag + rs, bwd, (ag + rs) * per_block)
         if strategy == "zero3":
-            exposed += 2 * sizes.blocks * SUBMODULES_PER_BLOCK * ZERO3_FETCH_S
+            fetches = 2 * sizes.blocks * SUBMODULES_PER_BLOCK * ZERO3_FETCH_S
+            total, exposed = total + fetches, exposed + fetches
     elif strategy == "hsdp":  # fsdp2 sharded inside a node, gradient shards all-reduced across nodes
         local = procs_per_node
         ib, ia = (net.bandwidth(1), net.alpha(local, 1)) if isinstance(net, Network) else (bw, a)

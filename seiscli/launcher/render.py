@@ -110,6 +110,6 @@ def render_script(recipe: Recipe, run_dir: Path, *, template: str | None = None)
     )
 
 
-def render_template(name: str, **context: Any) -> str:
+def render_template(template: str, **context: Any) -> str:
     """Any template of templates/ with the same filters (`q`, `directive`, `yq`), e.g. the sweep's job script."""
-    return _environment().get_template(name).render(version=__version__, **context)
+    return _environment().get_template(template).render(version=__version__, **context)

@@ -370,7 +370,6 @@ def _size_state(run: Run, job_state: str) -> tuple[str, str | None]:
 def load_points(sweep_dir: Path, *, refresh: bool = True) -> tuple[dict[str, Any], list[Point]]:
     """The sweep record and a point per size, with throughput, attribution and collective bandwidth."""
     from seiscli.launcher.runs import find_run
-    from seiscli.recipe import load_recipe
 
     doc = json.loads((sweep_dir / SWEEP_FILE).read_text())
     sweep = Run(sweep_dir)
@@ -382,16 +381,20 @@ def load_points(sweep_dir: Path, *, refresh: bool = True) -> tuple[dict[str, Any
     root = sweep_dir.parent.parent.parent
     warmup = int(doc.get("warmup_steps", 0))
     points = []
+    # Sizes as planned (the run's recipe.yaml may be what made it fail: the plan is read, not the recipe).
+    planned = {int(s["nodes"]): s for s in doc.get("sizes", [])}
     for n_text, run_id in sorted(doc["runs"].items(), key=lambda kv: int(kv[0])):
         run = find_run(run_id, root)
-        recipe = load_recipe(str(run.recipe_path))
+        size = planned.get(int(n_text), {})
         state, reason = _size_state(run, job_state)
-        p = Point(int(n_text), recipe.cluster.world_size, run.id, state, reason, global_batch=recipe.global_batch)
+        p = Point(
+            int(n_text), int(size.get("procs", 0)), run.id, state, reason, global_batch=int(size.get("global_batch", 0))
+        )
         timed = [r for r in read_metrics(run) if r["step"] > warmup and isinstance(r.get("time_s"), dict)]
         if timed and state == "COMPLETED":
             p.steps = len(timed)
             p.step_time_s = sum(r["step_time_s"] for r in timed) / len(timed)
-            p.samples_per_s = recipe.global_batch / p.step_time_s
+            p.samples_per_s = p.global_batch / p.step_time_s
             p.time_s = {k: sum(r["time_s"].get(k, 0.0) for r in timed) / len(timed) for k in PARTS}
             p.comm_split = all(r.get("comm_split") for r in timed)
         try:

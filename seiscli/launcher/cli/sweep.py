@@ -205,8 +205,9 @@ def _points_with_prediction(path: Path, refresh: bool = True) -> list[Any]:
     from seiscli.recipe import load_recipe
 
     _, points = load_points(path, refresh=refresh)
-    if points:
-        recipe = load_recipe(str(Run(path.parent.parent.parent / points[0].run).recipe_path))
+    done = [p for p in points if p.step_time_s]
+    if done:
+        recipe = load_recipe(str(Run(path.parent.parent.parent / done[0].run).recipe_path))
         sizes = model_sizes(recipe)
         add_predictions(points, recipe.parallelism.strategy, sizes.params, sizes.blocks)
     return points
@@ -243,10 +244,12 @@ def sweep_report(
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
     _show_report(points, doc)
-    out.print(f"csv: {csv_path}\npng: {png_path}", highlight=False)
+    out.print(f"csv: {csv_path}", highlight=False, soft_wrap=True)
+    out.print(f"png: {png_path}", highlight=False, soft_wrap=True)
 
 
 def _show_report(points: list[Any], doc: dict[str, Any]) -> None:
+    from rich import box
     from rich.table import Column, Table
 
     from seiscli.launcher.sweep import ATTRIBUTION_TOLERANCE, NAMED_PARTS
@@ -257,6 +260,7 @@ def _show_report(points: list[Any], doc: dict[str, Any]) -> None:
              *(SHORT.get(k, k) for k in NAMED_PARTS), "unexpl.", "AR/AG GB/s"]  # fmt: skip
     table = Table(
         *(Column(h, no_wrap=True) for h in heads),
+        box=box.SIMPLE_HEAD,
         title=f"{doc.get('name')}: {doc.get('mode')} scaling, {doc.get('timed_steps')} timed steps after "
         f"{doc.get('warmup_steps')} warm-up; lost efficiency by part (percentage points)",
     )
@@ -275,10 +279,10 @@ def _show_report(points: list[Any], doc: dict[str, Any]) -> None:
             _pct(p.lost.get("other"), signed=True),
             f"{bw['all_reduce']:.2f}/{bw.get('all_gather', 0):.2f}" if "all_reduce" in bw else "-",
         )
-    # Fifteen columns: wider than a default 80-column pipe, so never narrower than 140.
+    # Fifteen columns: wider than a default 80-column pipe, so never narrower than 150.
     from rich.console import Console
 
-    Console(width=max(out.width, 140), force_terminal=out.is_terminal).print(table)
+    Console(width=max(out.width, 150), force_terminal=out.is_terminal).print(table)
     for p in points:
         if p.reason:
             out.print(f"[red]{p.nodes} node(s) {p.state}[/]: {p.reason}", highlight=False)
