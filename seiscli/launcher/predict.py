@@ -27,6 +27,13 @@ from seiscli.recipe import Recipe
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp2", "hsdp")
 PRETRAIN_MFU = 0.454  # BENCHMARKS.md: pretrain recipe on one H200, 1.720 s/step, 45.4 % MFU (cuDNN attention)
 PEAK_BF16 = 989e12
+# The measurements the model can be checked against on GPUs (BENCHMARKS.md, "Strategies on 2 GPUs (H200)",
+# machine B, 2026-11-30): the pretrain model at micro-batch 1, one GPU and each strategy on two over NVLink.
+H200X2_MEASURED: dict[str, object] = {
+    "params": 334_354_432,
+    "one_gpu_s": 1.732,
+    "two_gpu_s": {"ddp": 1.754, "zero1": 1.752, "zero2": 1.749, "zero3": 1.797, "fsdp2": 1.799},
+}
 
 
 @dataclass(frozen=True)

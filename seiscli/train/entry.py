@@ -65,6 +65,9 @@ def train(recipe: Recipe, run_dir: Path, started: float, *, sweep: bool = False)
             start = checkpoints.resume(engine, loader)  # 0 when there is no checkpoint yet
         trainer = Trainer(recipe, env, engine, loader, plan, recipe_flops(recipe, plan), run_dir, checkpoints)
         result = trainer.run(start_step=start, started=started)
+        import faulthandler  # DEBUG
+
+        faulthandler.dump_traceback_later(15, exit=False)  # DEBUG
         if env.distributed and result.signal is None:
             # Leave together: rank 0 hosts the rendezvous store, and with no end-of-run checkpoint to line the
             # ranks up, a rank still destroying its gloo group after rank 0 exited waited forever (sweep runs).

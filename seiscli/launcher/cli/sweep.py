@@ -150,10 +150,12 @@ def _predict(base: Any, counts: list[int], step_time: float | None, as_json: boo
         + ", ".join(f"{k} {v:g}" for k, v in ETA.items()),
         highlight=False,
     )
+    t = Table("strategy", "nodes", "GPUs", "step s", "comm s (all)", "exposed ms", "samples/s", "efficiency",
+              title=f"{base.name}: predicted per strategy (weak scaling, {per_gpu} sample(s) per GPU)")  # fmt: skip
     for strategy, rows in table.items():
-        t = Table("nodes", "GPUs", "step s", "comm s (all)", "exposed ms", "samples/s", "efficiency", title=strategy)
         for r in rows:
             t.add_row(
+                strategy if r is rows[0] else "",
                 str(r.nodes),
                 str(r.gpus),
                 f"{r.step_s:.3f}",
@@ -162,7 +164,9 @@ def _predict(base: Any, counts: list[int], step_time: float | None, as_json: boo
                 f"{r.gpus * per_gpu / r.step_s:,.1f}",
                 _pct(r.efficiency),
             )
-        out.print(t)
+        t.add_section()
+    out.print(t)
+    _two_gpu_check(base)
     out.print(
         "published TGS figures (128 GPUs): the compute step time per GPU at which this model reproduces them, "
         f"against this recipe's {check['compute_s_recipe']:.3f} s:",
@@ -177,6 +181,24 @@ def _predict(base: Any, counts: list[int], step_time: float | None, as_json: boo
         v = check[key]
         out.print(f"  {label}: {'unreachable' if v is None else f'{v:.3f} s'}", highlight=False)
     _measured_vs_predicted(base.name, runs_dir)
+
+
+def _two_gpu_check(base: Any) -> None:
+    """The one GPU measurement of several strategies (2 H200s over NVLink, BENCHMARKS.md), next to the model."""
+    from seiscli.launcher.predict import H200X2_MEASURED, Network, model_sizes, predict_step
+
+    sizes = model_sizes(base)
+    if sizes.params != H200X2_MEASURED["params"]:
+        return
+    one = float(H200X2_MEASURED["one_gpu_s"])  # type: ignore[arg-type]
+    cells = []
+    for s, measured in H200X2_MEASURED["two_gpu_s"].items():  # type: ignore[union-attr]
+        pred = predict_step(s, sizes, one, 1, 2, Network()).step_s
+        cells.append(f"{s} {pred:.3f} vs {measured:.3f} ({pred / measured - 1:+.1%})")
+    out.print(
+        f"2 x H200 over NVLink, s/step predicted vs measured (1 GPU: {one:.3f} s; BENCHMARKS.md): " + "; ".join(cells),
+        highlight=False,
+    )
 
 
 def _measured_vs_predicted(name: str, runs_dir: Path | None) -> None:
