@@ -81,6 +81,24 @@ def test_step_phases_add_up_to_the_step() -> None:
     assert parts["other"] == pytest.approx(0.1)
 
 
+def test_trainer_records_phases_that_add_up(tmp_path: Path) -> None:
+    """One process, DDP engine: every step line carries the phases, they sum to its step time, and the
+    gradient hooks split backward into compute and communication."""
+    import torch
+
+    from tests.test_train_entry import STEPS, tiny_recipe, train_tiny
+
+    recipe = tiny_recipe(1, 2, 2)
+    data = torch.randn(STEPS, 4, 1, *recipe.data.crop)
+    train_tiny(0, 1, recipe.model_dump(mode="json"), data, str(tmp_path))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == STEPS
+    for rec in lines:
+        assert set(rec["time_s"]) == set(PARTS) and rec["comm_split"] is True
+        assert sum(rec["time_s"].values()) == pytest.approx(rec["step_time_s"], rel=1e-9)
+        assert rec["time_s"]["straggler"] == 0.0  # one rank: nobody to wait for
+
+
 def _point(nodes: int, procs: int, step: float, parts: dict[str, float], batch: int) -> Point:
     return Point(nodes, procs, f"r{nodes}", "COMPLETED", step_time_s=step, samples_per_s=batch / step,
                  time_s=parts, global_batch=batch)  # fmt: skip
