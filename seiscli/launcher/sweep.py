@@ -359,6 +359,10 @@ def _size_state(run: Run, job_state: str) -> tuple[str, str | None]:
     if rc is not None:
         from seiscli.launcher.jobs import error_line
 
+        summary = run.summary()
+        if summary.get("status") == "completed" and summary.get("steps") == summary.get("steps_planned"):
+            # Every step ran and rank 0 wrote its summary: the measurement stands; say how the step ended.
+            return "COMPLETED", f"all {summary.get('steps')} steps done, but the job step then exited {rc}"
         return "FAILED", f"exit {rc}: {error_line(run) or 'no error line in its logs'}"
     if job_state in ("PENDING", "REQUEUED", "CREATED"):
         return "PENDING", None

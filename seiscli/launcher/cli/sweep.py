@@ -307,7 +307,8 @@ def _show_report(points: list[Any], doc: dict[str, Any]) -> None:
     Console(width=max(out.width, 150), force_terminal=out.is_terminal).print(table)
     for p in points:
         if p.reason:
-            out.print(f"[red]{p.nodes} node(s) {p.state}[/]: {p.reason}", highlight=False)
+            color = "yellow" if p.state == "COMPLETED" else "red"
+            out.print(f"[{color}]{p.nodes} node(s) {p.state}[/]: {p.reason}", highlight=False)
         if p.comm_split is False:
             out.print(f"{p.nodes} node(s): this engine sets no gradient hooks; its comm counts as compute")
     out.print(
