@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -65,19 +66,24 @@ def train(recipe: Recipe, run_dir: Path, started: float, *, sweep: bool = False)
             start = checkpoints.resume(engine, loader)  # 0 when there is no checkpoint yet
         trainer = Trainer(recipe, env, engine, loader, plan, recipe_flops(recipe, plan), run_dir, checkpoints)
         result = trainer.run(start_step=start, started=started)
-        import faulthandler  # DEBUG
-
-        faulthandler.dump_traceback_later(15, exit=False)  # DEBUG
-        if env.distributed and result.signal is None:
-            # Leave together: rank 0 hosts the rendezvous store, and with no end-of-run checkpoint to line the
-            # ranks up, a rank still destroying its gloo group after rank 0 exited waited forever (sweep runs).
+        if sweep and env.distributed and result.signal is None:
+            # Every rank has finished its last collective before any rank tears down (no end-of-run
+            # checkpoint lines them up in a sweep run).
             import torch.distributed as dist
 
             dist.barrier()
     finally:
         distributed.teardown()
     # Requeued: Slurm ends this attempt and starts the job again, which resumes from the checkpoint.
-    return EXIT_OK if result.signal is None or result.requeued else 128 + result.signal
+    code = EXIT_OK if result.signal is None or result.requeued else 128 + result.signal
+    if sweep:
+        # A sweep size is done once its metrics and summary are written. Releasing this frame's engine and
+        # model after teardown sometimes blocked for minutes on 2 gloo nodes (faulthandler: main thread in
+        # C code at this function's return), which ran the size into its step limit; leave without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
