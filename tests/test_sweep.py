@@ -81,20 +81,22 @@ def test_step_phases_add_up_to_the_step() -> None:
     assert parts["other"] == pytest.approx(0.1)
 
 
-def test_trainer_records_phases_that_add_up(tmp_path: Path) -> None:
-    """One process, DDP engine: every step line carries the phases, they sum to its step time, and the
-    gradient hooks split backward into compute and communication."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_trainer_records_phases_that_add_up(strategy: str, tmp_path: Path) -> None:
+    """One process: every step line carries the phases and they sum to its step time; backward is split into
+    compute and communication at the last gradient hook for DDP, not for FSDP2 (it reduces inside backward)."""
     import torch
 
     from tests.test_train_entry import STEPS, tiny_recipe, train_tiny
 
-    recipe = tiny_recipe(1, 2, 2)
-    data = torch.randn(STEPS, 4, 1, *recipe.data.crop)
-    train_tiny(0, 1, recipe.model_dump(mode="json"), data, str(tmp_path))
+    recipe = tiny_recipe(1, 2, 2).model_dump(mode="json")
+    recipe["parallelism"]["strategy"] = strategy
+    data = torch.randn(STEPS, 4, 1, *recipe["data"]["crop"])
+    train_tiny(0, 1, recipe, data, str(tmp_path))
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == STEPS
     for rec in lines:
-        assert set(rec["time_s"]) == set(PARTS) and rec["comm_split"] is True
+        assert set(rec["time_s"]) == set(PARTS) and rec["comm_split"] is (strategy == "ddp")
         assert sum(rec["time_s"].values()) == pytest.approx(rec["step_time_s"], rel=1e-9)
         assert rec["time_s"]["straggler"] == 0.0  # one rank: nobody to wait for
 

@@ -7,8 +7,10 @@ A step is timed as contiguous phases, so that they add up to the rank's own step
   optimizer  engine.step (clipping, the update; for ZeRO also its parameter all-gather)
 Wall clocks on CPU; CUDA events on the current stream on GPU (the trainer synchronizes once per step, and
 events are read only then). "The last gradient exists" is the last `post_accumulate_grad` hook of the
-module's parameters. Engines that assign gradients themselves (FSDP2 assigns the reduced shards) fire no
-such hook: their whole forward_backward counts as compute and `comm_split` is False in the record.
+module's parameters, which marks the end of backward compute only where the engine reduces gradients after
+autograd accumulated them (DDP, ZeRO-1/2: SPLIT_STRATEGIES). FSDP2 and ZeRO-3 gather parameters inside
+forward and backward and hand the module its gradient only after reducing it, so for them the whole
+forward_backward counts as compute and `comm_split` is False in the record.
 
 Across ranks (from the trainer's per-step all-gather): the median rank's phases are the step's phases,
 straggler = slowest rank's time - median rank's time, and the all-gather itself is step-end communication.
@@ -26,18 +28,19 @@ import torch
 import torch.distributed as dist
 
 PHASES = ("data", "compute", "comm", "optimizer")
+SPLIT_STRATEGIES = ("ddp", "zero1", "zero2")
 COLLECTIVES_FILE = "collectives.json"
 
 
 class StepClock:
     """Phase times of one rank's step; `mark()` returns an opaque time point, `span()` books one phase."""
 
-    def __init__(self, device: torch.device, module: torch.nn.Module) -> None:
+    def __init__(self, device: torch.device, module: torch.nn.Module, *, split: bool = True) -> None:
         self.cuda = device.type == "cuda"
         self._spans: list[tuple[str, Any, Any]] = []
         self._last_grad: Any = None
         self._hooked = 0
-        for p in module.parameters():
+        for p in module.parameters() if split else ():
             if p.requires_grad:
                 try:
                     p.register_post_accumulate_grad_hook(self._on_grad)

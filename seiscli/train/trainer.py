@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from seiscli.recipe import Recipe
-from seiscli.train.attribution import PHASES, StepClock, split_step
+from seiscli.train.attribution import PHASES, SPLIT_STRATEGIES, StepClock, split_step
 from seiscli.train.checkpoint import CheckpointManager
 from seiscli.train.distributed import DistEnv
 from seiscli.train.flops import MAEFlops, peak_flops
@@ -58,7 +58,9 @@ class Trainer:
         # Global masked-patch count of one optimizer step: every rank divides its local sum by it.
         self.loss_scale = 1.0 / (self.global_batch * plan.masked)
         self.peak = peak_flops(device_name(env.device)) if t.precision == "bf16" else None
-        self.clock = StepClock(env.device, engine.module)  # per-phase times: seiscli/train/attribution.py
+        # Per-phase times (seiscli/train/attribution.py); backward is split at the last gradient where that
+        # marks the end of backward compute.
+        self.clock = StepClock(env.device, engine.module, split=recipe.parallelism.strategy in SPLIT_STRATEGIES)
 
     def sample_ids(self, accum: int) -> list[int]:
         """Index of each local sample within the step's global batch (the same on all ranks of a cp group)."""

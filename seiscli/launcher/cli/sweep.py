@@ -310,7 +310,7 @@ def _show_report(points: list[Any], doc: dict[str, Any]) -> None:
             color = "yellow" if p.state == "COMPLETED" else "red"
             out.print(f"[{color}]{p.nodes} node(s) {p.state}[/]: {p.reason}", highlight=False)
         if p.comm_split is False:
-            out.print(f"{p.nodes} node(s): this engine sets no gradient hooks; its comm counts as compute")
+            out.print(f"{p.nodes} node(s): fsdp2/zero3 communicate inside forward and backward: comm counts as compute")
     out.print(
         f"lost = 1 - efficiency, split into parts that add up to it; 'unexpl.' is time no phase covers "
         f"(tolerance {ATTRIBUTION_TOLERANCE:.0%}). Per-size time per part: CSV and PNG.",
