@@ -257,3 +257,18 @@ def test_sweep_on_the_local_slurm_cluster(tmp_path: Path) -> None:
     assert p["state"] == "FAILED" and "exit 2" in p["reason"] and "train.device" in p["reason"], p
     shown = seis("sweep-report", "broken", runs=runs)
     assert "FAILED" in shown.stdout and "train.device" in shown.stdout
+
+
+def test_predict_and_plan_do_not_import_the_trainer() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom seiscli.launcher.cli import app\n"
+        "for args in (['scale-sweep', 'pretrain', '--predict'], ['scale-sweep', 'pretrain', '--dry-run']):\n"
+        "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
+        "print([m for m in ('torch', 'deepspeed', 'seiscli.train') if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
