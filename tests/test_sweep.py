@@ -227,7 +227,7 @@ def test_sweep_on_the_local_slurm_cluster(tmp_path: Path) -> None:
     log = next((sweep / "logs").glob("slurm-*.out")).read_text()
     assert log.index("size 1 node(s) exited 0") < log.index("size 2 node(s) exited 0"), log
     sized = [Run(p.parent) for p in sorted(runs.glob("smoke-n*/*/submission.json"))]
-    assert {r.submission()["job_id"] for r in sized} == {jobs[1]}
+    assert {r.submission()["sweep_job_id"] for r in sized} == {jobs[1]}
 
     report = seis("sweep-report", "smoke", "--json", runs=runs)
     assert report.returncode == 0, report.stderr
@@ -250,6 +250,7 @@ def test_sweep_on_the_local_slurm_cluster(tmp_path: Path) -> None:
     assert Path(doc["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = seis("sweep-report", "smoke", runs=runs)
     assert table.returncode == 0 and "COMPLETED" in table.stdout
+    assert {r.submission()["state"] for r in sized} == {"COMPLETED"}  # stored back for `seis status`
 
     failed = seis("sweep-report", "broken", "--json", runs=runs)
     assert failed.returncode == 0, failed.stderr

@@ -282,9 +282,11 @@ def write_sweep(plan: SweepPlan, root: str | Path | None, recipe_source: Path | 
     ids = {str(s.nodes): r.id for s, r in zip(plan.sizes, runs, strict=True)}
     doc = plan.to_json() | {"created": time.time(), "runs": ids}
     (path / SWEEP_FILE).write_text(json.dumps(doc, indent=2) + "\n")
-    sweep.update_submission(name=plan.name, backend=plan.sizes[-1].recipe.cluster.backend, script=SCRIPT)
+    backend = plan.sizes[-1].recipe.cluster.backend
+    sweep.update_submission(name=plan.name, backend=backend, script=SCRIPT)
     for r in runs:
-        r.update_submission(backend="sweep-step", sweep=str(path), state="PENDING")
+        # A size's own outcome is its sweep_exit file; `seis sweep-report` stores it back as the run's state.
+        r.update_submission(backend=backend, sweep=str(path), state="CREATED")
     return sweep, runs
 
 
@@ -391,6 +393,8 @@ def load_points(sweep_dir: Path, *, refresh: bool = True) -> tuple[dict[str, Any
         run = find_run(run_id, root)
         size = planned.get(int(n_text), {})
         state, reason = _size_state(run, job_state)
+        if state in ("COMPLETED", "FAILED") and run.submission().get("state") != state:
+            run.update_submission(state=state, reason=reason)  # what `seis status` shows for this size
         p = Point(
             int(n_text), int(size.get("procs", 0)), run.id, state, reason, global_batch=int(size.get("global_batch", 0))
         )

@@ -76,7 +76,8 @@ def scale_sweep(
         sweep.update_submission(state="SUBMIT_FAILED", error=str(e))
         fail(f"submission failed: {e}", code=1)
     for size, run in zip(plan.sizes, runs, strict=True):
-        run.update_submission(job_id=job)
+        # Not `job_id`: scheduler queries map a job to one run; the sweep's job is the sweep directory's.
+        run.update_submission(sweep_job_id=job, state="PENDING", submitted=sweep.submission().get("submitted"))
         out.print(f"{size.nodes:>3} node(s): run {run.id}", highlight=False)
     ref = f"{sweep.path.parent.name}/{sweep.path.name}"
     out.print(
