@@ -11,17 +11,14 @@ from typing import Any
 import pytest
 
 from seiscli.launcher.predict import STRATEGIES, Network, model_sizes, predict_step, predict_table, published_check
-from seiscli.launcher.sweep import (
+from seiscli.launcher.sweep import parse_nodes, plan_sweep, render_sweep, sweep_recipes
+from seiscli.launcher.sweep_report import (
     ATTRIBUTION_TOLERANCE,
     CSV_COLUMNS,
     NAMED_PARTS,
     PARTS,
     Point,
     attribute,
-    parse_nodes,
-    plan_sweep,
-    render_sweep,
-    sweep_recipes,
 )
 from seiscli.recipe import load_recipe
 from tests.test_train_entry import TINY

@@ -224,7 +224,7 @@ def _measured_vs_predicted(name: str, runs_dir: Path | None) -> None:
 def _points_with_prediction(path: Path, refresh: bool = True) -> list[Any]:
     from seiscli.launcher.predict import model_sizes
     from seiscli.launcher.runs import Run
-    from seiscli.launcher.sweep import add_predictions, load_points
+    from seiscli.launcher.sweep_report import add_predictions, load_points
     from seiscli.recipe import load_recipe
 
     _, points = load_points(path, refresh=refresh)
@@ -245,7 +245,8 @@ def sweep_report(
     runs_dir: RunsDir = None,
 ) -> None:
     """Efficiency per size and where the lost efficiency went (compute, comm, optimizer, data, stragglers)."""
-    from seiscli.launcher.sweep import ATTRIBUTION_TOLERANCE, find_sweep, report_rows, write_csv, write_png
+    from seiscli.launcher.sweep import find_sweep
+    from seiscli.launcher.sweep_report import ATTRIBUTION_TOLERANCE, report_rows, write_csv, write_png
 
     try:
         path = find_sweep(sweep, runs_dir)
@@ -275,7 +276,7 @@ def _show_report(points: list[Any], doc: dict[str, Any]) -> None:
     from rich import box
     from rich.table import Column, Table
 
-    from seiscli.launcher.sweep import ATTRIBUTION_TOLERANCE, NAMED_PARTS
+    from seiscli.launcher.sweep_report import ATTRIBUTION_TOLERANCE, NAMED_PARTS
 
     SHORT = {"optimizer": "optim.", "straggler": "stragg."}
 
