@@ -117,3 +117,8 @@ def render_script(recipe: Recipe, run_dir: Path, *, template: str | None = None)
             **extra,
         )
     )
+
+
+def render_template(template: str, **context: Any) -> str:
+    """Any template of templates/ with the same filters (`q`, `directive`, `yq`), e.g. the sweep's job script."""
+    return _environment().get_template(template).render(version=__version__, **context)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -31,7 +32,7 @@ def _error(msg: str) -> None:
     print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
 
 
-def train(recipe: Recipe, run_dir: Path, started: float) -> int:
+def train(recipe: Recipe, run_dir: Path, started: float, *, sweep: bool = False) -> int:
     note_start()
     # torch is imported here, after the recipe was read, so a bad recipe fails in a fraction of a second.
     from seiscli.train import distributed
@@ -60,8 +61,17 @@ def train(recipe: Recipe, run_dir: Path, started: float) -> int:
         loader = build_loader(
             recipe, dp_rank=env.dp_rank, dp_size=env.dp_size, device=env.device, cp_rank=env.cp_rank, cp_size=env.cp
         )
-        checkpoints = CheckpointManager(recipe, env, run_dir)
-        start = checkpoints.resume(engine, loader)  # 0 when there is no checkpoint yet
+        checkpoints: CheckpointManager | None = None
+        start = 0
+        if sweep:
+            # A scaling-sweep size: a short measuring run. No checkpoints; the allocation's collective
+            # bandwidth first (collectives.json), so the report can set measured comm against it.
+            from seiscli.train.attribution import bench_collectives
+
+            bench_collectives(env.device, run_dir if env.is_main else None)
+        else:
+            checkpoints = CheckpointManager(recipe, env, run_dir)
+            start = checkpoints.resume(engine, loader)  # 0 when there is no checkpoint yet
         from seiscli.train.provenance import record_start
 
         record_start(
@@ -70,10 +80,16 @@ def train(recipe: Recipe, run_dir: Path, started: float) -> int:
             distributed=env.distributed,
             world_size=env.world_size,
             first_step=start,
-            resumed_from=checkpoints.resumed_from,
+            resumed_from=checkpoints.resumed_from if checkpoints else None,
         )
         trainer = Trainer(recipe, env, engine, loader, plan, recipe_flops(recipe, plan), run_dir, checkpoints)
         result = trainer.run(start_step=start, started=started)
+        if sweep and env.distributed and result.signal is None:
+            # Every rank has finished its last collective before any rank tears down (no end-of-run
+            # checkpoint lines them up in a sweep run).
+            import torch.distributed as dist
+
+            dist.barrier()
         # Requeued: Slurm ends this attempt and starts the job again, which resumes from the checkpoint.
         code = EXIT_OK if result.signal is None or result.requeued else 128 + result.signal
     except Exception as e:
@@ -84,6 +100,13 @@ def train(recipe: Recipe, run_dir: Path, started: float) -> int:
         if code != EXIT_OK:
             record_rank_exit(run_dir, code)
         distributed.teardown()
+    if sweep:
+        # A sweep size is done once its metrics and summary are written. Releasing this frame's engine and
+        # model after teardown sometimes blocked for minutes on 2 gloo nodes (faulthandler: main thread in
+        # C code at this function's return), which ran the size into its step limit; leave without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 
@@ -104,10 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description="Train the recipe's 3D MAE (run once per process).")
     parser.add_argument("recipe", help="resolved recipe YAML written by the launcher")
     parser.add_argument("--run-dir", required=True, type=Path, help="where metrics.jsonl and summary.json go")
+    parser.add_argument(
+        "--sweep", action="store_true", help="a scaling-sweep measurement: collective benchmark, no checkpoints"
+    )
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe)
-        return train(recipe, args.run_dir, started)  # records its own failures
+        return train(recipe, args.run_dir, started, sweep=args.sweep)  # records its own failures
     except Exception as e:  # before the process group exists: the recipe, the viewers, the rendezvous
         code = _failure_code(e)
         if args.run_dir.is_dir():

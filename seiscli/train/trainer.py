@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from seiscli.recipe import Recipe
 from seiscli.run_layout import append_event, current_attempt
+from seiscli.train.attribution import PHASES, SPLIT_STRATEGIES, StepClock, split_step
 from seiscli.train.checkpoint import CheckpointManager
 from seiscli.train.distributed import DistEnv
 from seiscli.train.flops import MAEFlops, peak_flops
@@ -63,6 +64,9 @@ class Trainer:
         self.peak = peak_flops(device_name(env.device)) if t.precision == "bf16" else None
         self.rank_times: list[float] = []
         self._heldout: torch.Tensor | None = None  # read at the first periodic eval, kept
+        # Per-phase times (seiscli/train/attribution.py); backward is split at the last gradient where that
+        # marks the end of backward compute.
+        self.clock = StepClock(env.device, engine.module, split=recipe.parallelism.strategy in SPLIT_STRATEGIES)
 
     def eval_due(self, step: int) -> bool:
         every = self.recipe.eval.interval
@@ -120,27 +124,38 @@ class Trainer:
     ) -> tuple[dict[str, Any], int | None]:
         """One optimizer step; returns its record and the stop signal every rank agreed on (None: go on)."""
         t0 = time.perf_counter()
+        clock = self.clock
+        clock.begin()
         wait = 0.0
         accum = self.recipe.train.grad_accum
         loss = torch.zeros((), dtype=torch.float64, device=self.env.device)
         for a in range(accum):
             tw = time.perf_counter()
+            m0 = clock.mark()
             try:
                 x = next(batches)
             except StopIteration:
                 raise RuntimeError(f"the data loader ran out of batches at step {step + 1}") from None
             wait += time.perf_counter() - tw
+            m1 = clock.mark()
+            clock.span("data", m0, m1)
             mb = self.micro_batch(x, step, a)
+            clock.before_backward()
             loss += self.engine.forward_backward(mb, loss_scale=self.loss_scale, sync=a == accum - 1)
+            clock.forward_backward(m1, clock.mark())
         end_step = getattr(self.loader, "end_step", None)
         if end_step is not None:  # the ranks agree on dropped volumes before a checkpoint can save them
             end_step()
+        m3 = clock.mark()
         lr = lr_at(step, self.recipe.optim, self.recipe.train.steps)
         grad_norm = self.engine.step(lr)
-        # One collective per step: every rank's loss, stop signal (as a priority) and step time so far.
+        clock.span("optimizer", m3, clock.mark())
+        # One collective per step: every rank's loss, stop signal (as a priority), step time so far and phases.
         if self.env.device.type == "cuda":
             torch.cuda.synchronize(self.env.device)  # this rank's own time, not the kernel launches'
-        mine = torch.tensor([0.0, priority(stop.signum), time.perf_counter() - t0], dtype=torch.float64)
+        phases = clock.totals()
+        own = [time.perf_counter() - t0, *(phases[p] for p in PHASES)]
+        mine = torch.tensor([0.0, priority(stop.signum), *own], dtype=torch.float64)
         mine = mine.to(loss.device)
         mine[0] = loss
         if self.env.distributed:
@@ -154,6 +169,7 @@ class Trainer:
         times = [r[2] for r in per_rank]
         self.rank_times = times  # for rank_times.jsonl (seis top's stragglers)
         dt = time.perf_counter() - t0
+        split = split_step([r[2:] for r in per_rank], dt)
         sps = self.global_batch / dt
         record: dict[str, Any] = {
             "step": step + 1,
@@ -169,6 +185,8 @@ class Trainer:
             "world_size": self.env.world_size,
             "time": time.time(),
             "tflops_per_gpu": self.flops.train * sps / self.env.world_size / 1e12,
+            "time_s": split,  # seconds per phase of this step (attribution.py); they add up to step_time_s
+            "comm_split": clock.comm_split,
         }
         if self.peak:
             record["mfu"] = record["tflops_per_gpu"] * 1e12 / self.peak
