@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 import sys
+from fractions import Fraction
+from math import floor
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -31,6 +33,20 @@ Precision = Literal["bf16", "fp32"]
 Attention = Literal["auto", "cudnn", "flash", "efficient", "math"]
 Checkpointing = Literal["none", "full", "save_attention"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
+
+
+def tokens_per_stratum(n_tokens: int, mask_ratio: Fraction, strata: int) -> int:
+    """Encoder tokens T per mask stratum (cls included) so that V = T*K - 1 visible patches is nearest to
+    N*(1 - r), exactly; shared by the trainer's masking plan and the launcher's FLOP estimate."""
+    target = n_tokens * (1 - mask_ratio)
+    if 2 * (target + 1) < strata:  # the nearest T would be 0: every stratum needs an encoder token
+        raise ValueError(
+            f"mask ratio {float(mask_ratio)} leaves too few visible patches out of {n_tokens} for {strata} mask "
+            f"strata (at least {strata - 1})"
+        )
+    lo = floor((target + 1) / strata)
+    candidates = {min(max(t, 1), n_tokens // strata) for t in (lo, lo + 1)}
+    return min(candidates, key=lambda t: (abs(t * strata - 1 - target), t))
 
 
 class RecipeError(ValueError):
@@ -400,6 +416,13 @@ class Recipe(_Section):
     def num_tokens(self) -> int:
         g = self.grid
         return g[0] * g[1] * g[2]
+
+    @property
+    def visible_tokens(self) -> int:
+        """Patches the encoder sees per sample (without the cls token): the masking plan's V, one mask stratum
+        per z patch plane (seiscli/train/model/plan_for)."""
+        gz = self.grid[0]
+        return tokens_per_stratum(self.num_tokens, Fraction(str(self.model.mask_ratio)), gz) * gz - 1
 
     @property
     def dp(self) -> int:

@@ -103,7 +103,7 @@ def model_sizes(recipe: Recipe) -> ModelSizes:
     m = recipe.model
     k = m.in_chans * m.patch_size**3
     n = recipe.num_tokens
-    v = int(n * (1 - m.mask_ratio))
+    v = recipe.visible_tokens
 
     def block_params(d: int) -> int:
         h = int(d * m.mlp_ratio)

@@ -19,9 +19,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from math import floor
 
 import torch
+
+from seiscli.recipe import tokens_per_stratum
 
 _U64 = (1 << 64) - 1
 
@@ -88,16 +89,7 @@ def plan_lengths(n_tokens: int, mask_ratio: Fraction | float | str, slabs: int =
     k = slabs if strata is None else strata
     if k < 1 or k % slabs or n_tokens % k:
         raise ValueError(f"{k} mask strata do not split over cp={slabs} or do not divide {n_tokens} tokens")
-    size = n_tokens // k
-    target = n_tokens * (1 - r)
-    if 2 * (target + 1) < k:  # the nearest T would be 0: every stratum needs an encoder token
-        raise ValueError(
-            f"mask ratio {float(r)} leaves too few visible patches out of {n_tokens} for {k} mask strata "
-            f"(at least {k - 1})"
-        )
-    lo = floor((target + 1) / k)
-    candidates = {min(max(t, 1), size) for t in (lo, lo + 1)}
-    t = min(candidates, key=lambda t: (abs(t * k - 1 - target), t))
+    t = tokens_per_stratum(n_tokens, r, k)
     v = t * k - 1
     if v < 1:
         raise ValueError(f"mask ratio {float(r)} leaves no visible patch out of {n_tokens}")
