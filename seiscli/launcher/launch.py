@@ -16,7 +16,7 @@ from rich.console import Console
 
 from seiscli.checkpoint_layout import find_latest, incompatibility, resolve_dir
 from seiscli.launcher.render import render_script
-from seiscli.launcher.runs import Run, create_run, find_run, runs_root
+from seiscli.launcher.runs import Run, create_run, find_run, runs_root, step_records
 from seiscli.recipe import Recipe, RecipeError, load_recipe
 
 SCRIPT_NAME = {
@@ -237,15 +237,7 @@ class _MetricsTail:
             return []
         lines = (self.partial + chunk).split(b"\n")
         self.partial = lines.pop()
-        recs = []
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and "step" in rec:
-                recs.append(rec)
-        return recs
+        return step_records(lines)
 
 
 def _print_tail(path: Path, console: Console, lines: int = 15) -> None:

@@ -7,7 +7,6 @@ attempt of the ledger (attempts.jsonl) that resumed is marked by a vertical line
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +16,17 @@ matplotlib.use("Agg")  # files only: no display on a login node
 
 import matplotlib.pyplot as plt
 
-from seiscli.launcher.runs import Run
+from seiscli.launcher.runs import Run, step_records
 
 
 def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Training step records, and eval records (`"eval": true`, or any record with eval_* numbers)."""
     train, evals = [], []
     try:
-        lines = path.read_text(errors="replace").splitlines()
+        recs = step_records(path.read_bytes().splitlines())
     except OSError:
         return [], []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(rec, dict) or "step" not in rec:
-            continue
+    for rec in recs:
         if rec.get("eval") or any(k.startswith("eval_") for k in rec):
             evals.append(rec)
         if "loss" in rec and not rec.get("eval"):

@@ -18,7 +18,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -105,14 +105,28 @@ class Run:
                 lines = f.read().splitlines()
         except OSError:
             return {}
-        for line in reversed(lines):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line still being written
-            if isinstance(rec, dict) and "step" in rec:
-                return rec
-        return {}
+        recs = step_records(lines)
+        return recs[-1] if recs else {}
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """Every step record of metrics.jsonl, in order."""
+        try:
+            return step_records(self.metrics_path.read_bytes().splitlines())
+        except OSError:
+            return []
+
+
+def step_records(lines: Iterable[str | bytes]) -> list[dict[str, Any]]:
+    """The metrics records (JSON objects with a "step") among `lines`; a line still being written is skipped."""
+    recs = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            recs.append(rec)
+    return recs
 
 
 def create_run(recipe: Recipe, root: str | Path | None = None, *, recipe_source: Path | None = None) -> Run:

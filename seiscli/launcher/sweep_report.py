@@ -48,22 +48,6 @@ class Point:
         return abs(sum(self.lost[p] for p in NAMED_PARTS) - self.lost["total"])
 
 
-def read_metrics(run: Run) -> list[dict[str, Any]]:
-    try:
-        lines = run.metrics_path.read_text().splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "step" in rec:
-            out.append(rec)
-    return out
-
-
 def _size_state(run: Run, job_state: str) -> tuple[str, str | None]:
     """A size's state from the exit status the job script wrote, else from the sweep job's state."""
     try:
@@ -112,7 +96,7 @@ def load_points(sweep_dir: Path, *, refresh: bool = True) -> tuple[dict[str, Any
         p = Point(
             int(n_text), int(size.get("procs", 0)), run.id, state, reason, global_batch=int(size.get("global_batch", 0))
         )
-        timed = [r for r in read_metrics(run) if r["step"] > warmup and isinstance(r.get("time_s"), dict)]
+        timed = [r for r in run.metrics() if r["step"] > warmup and isinstance(r.get("time_s"), dict)]
         if timed and state == "COMPLETED":
             p.steps = len(timed)
             p.step_time_s = sum(r["step_time_s"] for r in timed) / len(timed)
