@@ -187,6 +187,28 @@ class CheckpointManager:
 
     # -- resume ----------------------------------------------------------------------------------
 
+    def loader_state(self, loader: Any) -> dict[str, Any] | None:
+        """The loader state the newest complete checkpoint resumes this rank at, None on a fresh start; read
+        before the model is built so the loader can start its workers at the right position (collective)."""
+        import torch
+
+        chosen = self._from_main(find_latest(self.root) if self.env.is_main else None)
+        if chosen is None or not hasattr(loader, "state_dict"):
+            return None
+        found: Found = chosen
+        if self._same_layout(found):
+            mine = found.path / "trainer" / f"rank-{self.env.rank:05d}.pt"
+            try:
+                state = torch.load(mine, map_location="cpu", weights_only=True)
+            except (OSError, RuntimeError):
+                return None  # resume() reports it
+            return state.get("loader")
+        t = self.recipe.train
+        return loader.state_dict() | {"position": found.step * t.micro_batch * t.grad_accum}
+
+    def _same_layout(self, found: Found) -> bool:
+        return found.manifest["world_size"] == self.env.world_size and found.manifest["cp"] == self.env.cp
+
     def resume(self, engine: Engine, loader: Any) -> int:
         """Load the newest complete checkpoint, if any; returns the step to continue from (0: fresh start).
         Raises CheckpointError when the newest complete checkpoint cannot be loaded into this run."""
@@ -208,7 +230,7 @@ class CheckpointManager:
             raise CheckpointError(f"cannot resume from {found.path}: {first}") from e
         step = found.step
         mine = found.path / "trainer" / f"rank-{self.env.rank:05d}.pt"
-        same_layout = found.manifest["world_size"] == self.env.world_size and found.manifest["cp"] == self.env.cp
+        same_layout = self._same_layout(found)
         if same_layout:
             state = torch.load(mine, map_location="cpu", weights_only=True)
             _set_rng_state(state["rng"], self.env.device)

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from seiscli.data.retry import IOStats, ReadError, RetryPolicy, process_stats
 from seiscli.data.volume import DataLossError, Volume, open_volume
 from seiscli.recipe import Recipe
+from seiscli.train.batch_transfer import DeviceFeed, Pump, SlotDataset, SlotRing, ring_slots
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ MAX_ATTEMPTS = 64  # crops tried per sample before a volume is declared too dead
 SYNTH_CHUNKS: Shape3 = (64, 64, 64)  # the local synthetic cache: small volumes, small crops
 STATE_VERSION = 2
 NORM_BLOCK = 1 << 16  # float32s normalised at a time: 256 KiB, stays in L2
+DECODE_THREADS = 2  # zarr decode threads per worker process
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class BatchReport:
     io: IOStats
     failed_reads: int = 0
     dropped: list[str] = field(default_factory=list)
+    volumes: list[int] = field(default_factory=list)  # volume of each sample, for normalising on the device
 
 
 def slab_box(spec: CropSpec, crop: Shape3, cp_rank: int, cp_size: int) -> tuple[Shape3, Shape3]:
@@ -246,20 +249,34 @@ class CropDataset(Dataset[tuple[torch.Tensor, BatchReport]]):
             f"or check the volumes' trace_mask"
         )
 
-    def read_into(self, spec: CropSpec, out: np.ndarray) -> None:
-        """Read this rank's slab of one crop into `out` (cz/P, cy, cx) float32, flipped and normalised."""
+    def read_into(self, spec: CropSpec, out: np.ndarray, normalize: bool = True) -> None:
+        """Read this rank's slab of one crop into `out` (cz/P, cy, cx), flipped, and normalised unless told not
+        to (then `out` has the stored dtype and `sample_norm` says how to normalise it later)."""
         origin, _ = slab_box(spec, self.crop, self.cp_rank, self.cp_size)
         self.volumes[spec.volume].read_into(origin, volume_view(out, spec))
-        centre_scale = self.centre_scale[spec.volume] if self.normalization == "zscore" else None
-        normalize_(out, centre_scale, self.clip)
+        if normalize:
+            normalize_(out, self.sample_norm(spec.volume), self.clip)
 
-    def load(self, index: int, out: np.ndarray) -> None:
-        """Sample `index` into `out`. A failed read is repeated; a volume failing max_volume_failures times in
-        a row is dropped and the sample redrawn from the others (the stream changes only from there on)."""
+    def sample_norm(self, volume: int) -> tuple[float, float] | None:
+        """(centre, scale) of a sample of `volume`, None when only non-finite values are zeroed."""
+        return self.centre_scale[volume] if self.normalization == "zscore" else None
+
+    @property
+    def stored_dtype(self) -> np.dtype:
+        """The dtype all volumes store (crops ship in it and are normalised on the device)."""
+        dtypes = {v.dtype for v in self.volumes}
+        if len(dtypes) != 1:
+            raise ValueError(f"data.uris mix stored dtypes {sorted(map(str, dtypes))}; convert them to one dtype")
+        return dtypes.pop()
+
+    def load(self, index: int, out: np.ndarray, normalize: bool = True) -> CropSpec:
+        """Sample `index` into `out`; returns where it came from. A failed read is repeated; a volume failing
+        max_volume_failures times in a row is dropped and the sample redrawn from the others (the stream
+        changes only from there on)."""
         while True:
             spec = self.spec(index)
             try:
-                self.read_into(spec, out)
+                self.read_into(spec, out, normalize)
             except (ReadError, DataLossError) as e:
                 with self._lock:
                     self._failed_reads += 1
@@ -270,38 +287,43 @@ class CropDataset(Dataset[tuple[torch.Tensor, BatchReport]]):
                 continue
             with self._lock:
                 self._failures.pop(spec.volume, None)
-            return
+            return spec
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, BatchReport]:
+        """The normalised float32 batch at `position` built in this process (shared memory in a worker)."""
+        batch = torch.empty((self.micro_batch, 1, *self.slab), dtype=torch.float32)
+        if get_worker_info() is not None:  # build the batch in shared memory: no copy on the way back
+            batch.share_memory_()
+        return batch, self.fill(position, batch.numpy(), normalize=True)
+
+    def fill(self, position: int, view: np.ndarray, normalize: bool = False) -> BatchReport:
+        """Samples position .. position+micro_batch-1 into `view` (micro_batch, 1, *slab): normalised float32,
+        or (normalize=False) as stored, for the device to normalise (`BatchReport.volumes`)."""
         t0 = time.perf_counter()
         if os.getpid() not in _CPU_MARK:
             _cpu_since_last_report()  # start counting with the first batch, not at process start
-        batch = torch.empty((self.micro_batch, 1, *self.slab), dtype=torch.float32)
         info = get_worker_info()
-        if info is not None:  # build the batch in shared memory: no copy on the way back
-            batch.share_memory_()
-        view = batch.numpy()
         if self.micro_batch == 1:
-            self.load(position, view[0, 0])
+            specs = [self.load(position, view[0, 0], normalize)]
         else:
             pool = _pool(self.micro_batch)
-            jobs = [pool.submit(self.load, position + i, view[i, 0]) for i in range(self.micro_batch)]
-            for job in jobs:
-                job.result()
+            jobs = [pool.submit(self.load, position + i, view[i, 0], normalize) for i in range(self.micro_batch)]
+            specs = [job.result() for job in jobs]
         with self._lock:
             failed, self._failed_reads = self._failed_reads, 0
             dropped, self._new_drops = self._new_drops, []
         report = BatchReport(
             worker=info.id if info is not None else -1,
             samples=self.micro_batch,
-            decoded_bytes=batch.nbytes,
+            decoded_bytes=self.micro_batch * int(np.prod(self.slab)) * 4,  # as float32 crops, whatever ships
             busy_s=time.perf_counter() - t0,
             cpu_s=_cpu_since_last_report(),
             io=process_stats().take(),
             failed_reads=failed,
             dropped=dropped,
+            volumes=[s.volume for s in specs],
         )
-        return batch, report
+        return report
 
 
 class _Positions(Sampler[int]):
@@ -316,6 +338,17 @@ class _Positions(Sampler[int]):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
+    cap_codec_threads(DECODE_THREADS)
+
+
+def cap_codec_threads(threads: int) -> None:
+    """One process's decode threads: zarr decodes chunks in its thread pool (the codecs release the GIL), and
+    Blosc would start threads of its own inside each of them; 8 workers per GPU must not oversubscribe."""
+    import numcodecs.blosc
+    import zarr
+
+    numcodecs.blosc.set_nthreads(1)
+    zarr.config.set({"threading.max_workers": threads})
 
 
 def _origin_steps(v: Volume, crop: Shape3, align: bool) -> Shape3:
@@ -383,8 +416,13 @@ class _WorkerTotals:
 class CropLoader:
     """Iterable of normalised crop batches on `device`; `state_dict()` is the position in samples.
 
-    One iterator is live at a time: starting another, `load_state_dict` or `close()` stops the workers
-    of the previous one (which then raises or ends).
+    Workers decode crops as stored into a ring of shared slots (seiscli.train.batch_transfer); the trainer
+    process copies each slot to `device` (CUDA: on a side stream, one batch ahead) and normalises it there.
+    `start()` launches the workers and asks for the first batches before anything iterates (call it while
+    the model is built); the first iterator at that position takes them over.
+
+    One iterator is live at a time: starting another, `load_state_dict` to another position or `close()`
+    stops the workers of the previous one (which then raises or ends).
     """
 
     def __init__(
@@ -394,14 +432,20 @@ class CropLoader:
         workers: int,
         prefetch: int,
         device: torch.device,
+        lookahead: bool | None = None,
     ) -> None:
         self.dataset = dataset
         self.workers = workers
         self.prefetch = prefetch
         self.device = device
+        # a thread that copies the next batch while the current step runs; by default on CUDA with workers
+        self.lookahead = device.type == "cuda" and workers > 0 if lookahead is None else lookahead
         self.position = 0  # samples handed out
         self._generation = 0
         self._workers_iter: Any = None
+        self._pump: Pump | None = None
+        self._pump_position = -1  # where the started pump begins; -1 when none was started
+        self._ring: SlotRing | None = None
         self._totals: dict[int, _WorkerTotals] = {}
         self._failed_reads = 0
         self._started = time.perf_counter()
@@ -411,41 +455,72 @@ class CropLoader:
     def micro_batch(self) -> int:
         return self.dataset.micro_batch
 
-    def _batches(self, start: int) -> Iterator[tuple[torch.Tensor, BatchReport]]:
+    def _ring_for(self) -> SlotRing:
+        if self._ring is None:
+            shape = (self.micro_batch, 1, *self.dataset.slab)
+            self._ring = SlotRing(ring_slots(self.workers, self.prefetch), shape, self.dataset.stored_dtype)
+            # the ring lives as long as the loader (restarts reuse it); released when the loader is collected
+            weakref.finalize(self, self._ring.close).atexit = False
+        return self._ring
+
+    def _source(self, start: int, ring: SlotRing) -> Iterator[tuple[int, BatchReport]]:
         mb = self.micro_batch
+        slots = SlotDataset(self.dataset, ring, mb)
         if self.workers == 0:
-            return (self.dataset[p] for p in itertools.count(start, mb))
+            self._workers_iter = None
+            return (slots[p] for p in itertools.count(start, mb))
         loader = DataLoader(
-            self.dataset,
+            slots,
             batch_size=None,
             sampler=_Positions(start, mb),
             num_workers=self.workers,
             prefetch_factor=self.prefetch,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=False,  # the ring is page-locked itself: no copy into pinned memory
             worker_init_fn=_worker_init,
             multiprocessing_context=_worker_context(),
             in_order=True,
         )
-        return iter(loader)
+        self._workers_iter = iter(loader)  # workers start and the first prefetch*workers batches are asked for
+        return self._workers_iter
+
+    def _norm_rows(self, report: BatchReport) -> list[tuple[float, float]] | None:
+        if self.dataset.normalization != "zscore":
+            return None
+        return [self.dataset.centre_scale[v] for v in report.volumes]
+
+    def start(self) -> None:
+        """Start the workers and request the first batches from the current position (idempotent)."""
+        if self._pump is not None and self._pump_position == self.position:
+            return
+        self.close()
+        ring = self._ring_for()
+        source = self._source(self.position, ring)
+        feed = DeviceFeed(self.device, self.dataset.clip)
+        self._pump = Pump(source, ring, feed, self._norm_rows, threaded=self.lookahead, pin=self.device.type == "cuda")
+        self._pump_position = self.position
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        self.close()
+        self.start()  # takes over a pump started at this position, else starts one
+        self._pump_position = -1  # a second iterator restarts
         self._generation += 1
         generation = self._generation
-        batches = self._batches(self.position)
-        if self.workers:
-            self._workers_iter = batches
+        pump = self._pump
+        assert pump is not None
         try:
-            for batch, report in batches:
+            while True:
+                if generation != self._generation or self._pump is not pump:
+                    raise RuntimeError("this CropLoader iterator is stale: the loader was restarted or re-iterated")
+                try:
+                    batch, report = pump.next()
+                except StopIteration:
+                    return
                 if generation != self._generation:
                     raise RuntimeError("this CropLoader iterator is stale: the loader was restarted or re-iterated")
                 self._absorb(report)
-                if self.device.type == "cuda" and not batch.is_pinned():
-                    batch = batch.pin_memory()
                 self.position += self.micro_batch
-                yield batch.to(self.device, non_blocking=True)
+                yield batch
         finally:
-            if self._workers_iter is batches:
+            if self._pump is pump:
                 self.close()
 
     def _absorb(self, report: BatchReport) -> None:
@@ -520,10 +595,16 @@ class CropLoader:
         }
 
     def close(self) -> None:
-        """Stop the worker processes of the live iterator, if any (idempotent)."""
+        """Stop the worker processes and the copy thread of the live iterator, if any (idempotent)."""
         it, self._workers_iter = self._workers_iter, None
+        pump, self._pump = self._pump, None
+        self._pump_position = -1
+        if pump is not None:
+            pump.stop()
         if it is not None:
             it._shutdown_workers()  # the DataLoader iterator's own shutdown, which its __del__ would run
+        if pump is not None:
+            pump.close()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -546,9 +627,16 @@ class CropLoader:
         position = int(state["position"])
         if position < 0:
             raise ValueError(f"loader state position {position} < 0")
-        self.close()  # its workers prefetch positions that no longer come next
         uris = [v.uri for v in self.dataset.volumes]
-        self.dataset.dropped = {uris.index(u) for u in state.get("dropped", []) if u in uris}
+        dropped = {uris.index(u) for u in state.get("dropped", []) if u in uris}
+        if (
+            self._pump is not None
+            and self._pump_position == position == self.position
+            and (dropped == self.dataset.dropped)
+        ):
+            return  # started early (start()) at exactly this state: keep the batches already asked for
+        self.close()  # its workers prefetch positions that no longer come next
+        self.dataset.dropped = dropped
         self.dataset._cum = self.dataset._cum_weights()
         self.position = position
         self._generation += 1

@@ -14,6 +14,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 from seiscli.recipe import Recipe, RecipeError, load_recipe
 from seiscli.train.errors import CheckpointError, LaunchError
@@ -30,7 +31,6 @@ def _error(msg: str) -> None:
 def train(recipe: Recipe, run_dir: Path, started: float) -> int:
     # torch is imported here, after the recipe was read, so a bad recipe fails in a fraction of a second.
     from seiscli.train import distributed
-    from seiscli.train.checkpoint import CheckpointManager
     from seiscli.train.flops import recipe_flops
     from seiscli.train.model import build_model, plan_for
     from seiscli.train.parallel import build_engine
@@ -40,6 +40,7 @@ def train(recipe: Recipe, run_dir: Path, started: float) -> int:
     env = distributed.setup(recipe)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        loader, checkpoints = start_loader(recipe, env, run_dir)  # its workers build crops while the model builds
         model = build_model(recipe, env.device)
         if env.cp_group is not None:
             model.set_context_parallel(env.cp_group, recipe.model.attention)
@@ -47,12 +48,6 @@ def train(recipe: Recipe, run_dir: Path, started: float) -> int:
         if env.is_main:  # e.g. the generated DeepSpeed config, kept with the run
             for name, content in engine.config_files().items():
                 (run_dir / name).write_text(json.dumps(content, indent=2) + "\n")
-        from seiscli.train.data import build_loader
-
-        loader = build_loader(
-            recipe, dp_rank=env.dp_rank, dp_size=env.dp_size, device=env.device, cp_rank=env.cp_rank, cp_size=env.cp
-        )
-        checkpoints = CheckpointManager(recipe, env, run_dir)
         start = checkpoints.resume(engine, loader)  # 0 when there is no checkpoint yet
         trainer = Trainer(recipe, env, engine, loader, plan, recipe_flops(recipe, plan), run_dir, checkpoints)
         result = trainer.run(start_step=start, started=started)
@@ -60,6 +55,26 @@ def train(recipe: Recipe, run_dir: Path, started: float) -> int:
         distributed.teardown()
     # Requeued: Slurm ends this attempt and starts the job again, which resumes from the checkpoint.
     return EXIT_OK if result.signal is None or result.requeued else 128 + result.signal
+
+
+def start_loader(recipe: Recipe, env: Any, run_dir: Path) -> tuple[Any, Any]:
+    """The rank's loader, started at the position the run resumes from, and the run's CheckpointManager.
+
+    No start-up transient (issue 13): the workers start and the first crops are requested now, before the
+    model is built (and compiled), so step 1 does not wait for them; resume() later finds the loader already
+    at its checkpoint's position and keeps the batches under way."""
+    from seiscli.train.checkpoint import CheckpointManager
+    from seiscli.train.data import build_loader
+
+    loader = build_loader(
+        recipe, dp_rank=env.dp_rank, dp_size=env.dp_size, device=env.device, cp_rank=env.cp_rank, cp_size=env.cp
+    )
+    checkpoints = CheckpointManager(recipe, env, run_dir)
+    state = checkpoints.loader_state(loader)
+    if state is not None:
+        loader.load_state_dict(state)
+    loader.start()
+    return loader, checkpoints
 
 
 def main(argv: list[str] | None = None) -> int:
