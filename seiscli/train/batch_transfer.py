@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 SLOT_MARGIN = 2  # slots beyond the loader's outstanding batches (see the module docstring)
+NORM_BLOCK = 1 << 16  # float32s normalised at a time: 256 KiB, stays in L2
 
 
 def ring_slots(workers: int, prefetch: int) -> int:
@@ -124,6 +125,20 @@ class SlotDataset(torch.utils.data.Dataset[tuple[int, Any]]):
         return slot, self.base.fill(position, self.ring.array()[slot])
 
 
+def normalize_(out: np.ndarray, centre_scale: tuple[float, float] | None, clip: float) -> None:
+    """In place: (x - centre) / scale clipped to +-clip (when centre_scale is given), NaN/inf (dead traces are
+    NaN in MDIO) to 0. Done block by block so the four passes run in cache, not four trips through memory:
+    on a 36 MiB crop 24 ms instead of 55 (dev box, ad hoc), the same bits."""
+    flat = out.reshape(-1) if out.flags.c_contiguous else None
+    blocks = (flat[i : i + NORM_BLOCK] for i in range(0, flat.size, NORM_BLOCK)) if flat is not None else [out]
+    for b in blocks:
+        if centre_scale is not None:
+            b -= np.float32(centre_scale[0])
+            b *= np.float32(1.0 / centre_scale[1])
+            np.clip(b, -clip, clip, out=b)
+        np.nan_to_num(b, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def normalize_batch(x: torch.Tensor, centre: torch.Tensor | None, inv_scale: torch.Tensor | None, clip: float) -> None:
     """In place, on float32 `x` (B, ...): per sample (x - centre) * inv_scale clipped to +-clip (when centre is
     given), then NaN/inf to 0. The operations and their order are normalize_'s, so the bits are the same."""
@@ -154,12 +169,13 @@ class DeviceFeed:
     def send(
         self, host: torch.Tensor, rows: Sequence[tuple[float, float]] | None
     ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        centre, inv = centre_inv_scale(rows)
-        if not self.cuda:
-            x = host.to(torch.float32, copy=True)  # a tensor of its own: the slot is refilled later
-            normalize_batch(x, centre, inv, self.clip)
-            return x, None
+        if not self.cuda:  # numpy's blocked pass: on a busy host torch's thread pool made it 50x slower
+            x = host.numpy().astype(np.float32, copy=True)  # an array of its own: the slot is refilled later
+            for i in range(x.shape[0]):
+                normalize_(x[i], None if rows is None else rows[i], self.clip)
+            return torch.from_numpy(x), None
         assert self.stream is not None
+        centre, inv = centre_inv_scale(rows)
         with torch.cuda.stream(self.stream):
             x = host.to(self.device, non_blocking=True).to(torch.float32)
             if centre is not None and inv is not None:
