@@ -225,8 +225,12 @@ def run(args: argparse.Namespace) -> None:
             save()
         # (5) in-memory reference
         j = out / "inmem.json"
-        rc = sh([py, str(ROOT / "benchmarks" / "bench_gpu.py"), "--variants", "auto/none/1", "--steps",
-                 str(args.inmem_steps), "--warmup", "3", "--out", str(j)], env, 200, out / "inmem.log")  # fmt: skip
+        if args.inmem_from:  # measured earlier on this kind of machine (bench_gpu.py's JSON)
+            j = Path(args.inmem_from)
+            rc = 0
+        else:
+            rc = sh([py, str(ROOT / "benchmarks" / "bench_gpu.py"), "--variants", "auto/none/1", "--steps",
+                     str(args.inmem_steps), "--warmup", "3", "--out", str(j)], env, 200, out / "inmem.log")  # fmt: skip
         res["inmem"] = json.loads(j.read_text())["rows"][0] if j.exists() else {"rc": rc}
         print("in-memory", {k: res["inmem"].get(k) for k in ("step_time_s", "mfu")}, flush=True)
         save()
@@ -328,6 +332,7 @@ def main() -> None:
     r.add_argument("--before", help="an older seiscli checkout, for the loader CPU before/after")
     r.add_argument("--steps", type=int, default=55)
     r.add_argument("--inmem-steps", type=int, default=12)
+    r.add_argument("--inmem-from", help="bench_gpu.py JSON of an earlier in-memory run, instead of running it")
     r.add_argument("--loader-batches", type=int, default=12)
     r.add_argument("--train-timeout", type=float, default=280)
     for p in (sk, r):
