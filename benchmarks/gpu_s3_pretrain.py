@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> None:
         # (4) loader CPU per delivered GB, before and after
         res["loader_cpu"] = []
         for label, path in (("before", args.before), ("after", str(ROOT))):
-            if not path:
+            if not path or not args.loader_batches:
                 continue
             j = out / f"loader_cpu_{label}.json"
             bench = [py, str(ROOT / "benchmarks" / "bench_loader_cpu.py"), "--uri", uri, "--endpoint",
