@@ -6,8 +6,10 @@ Why (issue 13, loader CPU per delivered GB): before this, every batch was a fres
 copied to the GPU on the compute stream, and the normalisation ran on the worker's CPU. Now
 - workers decode straight into one of `slots` pre-allocated buffers of the stored dtype (no per-batch
   allocation, no pin-memory copy: the ring itself is page-locked with cudaHostRegister);
-- the trainer process copies a slot to the GPU on a side stream and normalises it there, in float32 with
-  the same operations as `seiscli.train.data.normalize_` (so the same bits), while the previous step runs.
+- the trainer process copies a slot to the GPU on a side stream while the previous step runs, and normalises
+  it there (on the compute stream), in float32 with the same operations as `normalize_` (so the same bits).
+Shipping bf16/fp16 instead would halve the ring and the copy but add a host pass (a float32 decode buffer
+plus a cast): benchmarks/bench_loader_cpu.py --casts; the stored dtype costs the host nothing.
 
 Slot reuse: DataLoader (in order) hands index j to a worker when batch j - workers * prefetch is returned
 to the trainer, so with `workers * prefetch + 2` slots the slot of batch i - 2 is rewritten only after
@@ -164,9 +166,9 @@ def centre_inv_scale(rows: Sequence[tuple[float, float]] | None) -> tuple[torch.
 class DeviceFeed:
     """Copies a host batch to `device` and normalises it there. On CUDA the copy runs on a side stream (one
     batch ahead, from the pump's thread) and `ready` normalises on the caller's stream after waiting for it:
-    normalisation kernels on the side stream would share the SMs with the step's compute kernels (a step
-    1.15x slower in half the steps on an H200, gpu_s3_pretrain 2026-12-02), on the compute stream they cost
-    ~4 ms a step. Elsewhere both run inline on a fresh array."""
+    on the compute stream the four elementwise passes cost ~4 ms of a 1.7 s pretrain step and never share the
+    SMs with the step's kernels (measured no different from the side stream on an H200, BENCHMARKS.md).
+    Elsewhere both run inline on a fresh array."""
 
     def __init__(self, device: torch.device, clip: float) -> None:
         self.device, self.clip = device, clip
