@@ -18,8 +18,10 @@ that is not a multiple of the chunk depth still makes neighbouring ranks fetch t
 
 Throughput: workers are started by forkserver, so no event loop, connection pool or Rust runtime of the
 trainer process crosses a fork; each worker reads the samples of a batch concurrently (one thread each,
-all GETs of the process capped at data.concurrency by RetryingStore) straight into the batch tensor in
-shared memory. A failed crop read (retries exhausted, or chunks lost under live traces) is read again;
+all GETs of the process capped at data.concurrency by RetryingStore; decode in zarr's pool of DECODE_THREADS,
+Blosc single-threaded) straight into a page-locked shared ring slot, as stored; the trainer process copies it
+to the device and normalises it there (seiscli.train.batch_transfer). A failed crop read (retries
+exhausted, or chunks lost under live traces) is read again;
 after data.max_volume_failures failures in a row the worker drops that volume (a warning and a counter)
 and the sample is redrawn from the others. Counters reach the trainer with each batch: `loader.stats()`.
 """
