@@ -1,5 +1,5 @@
 """A local S3 endpoint for tests and benchmarks: moto's server over HTTP on 127.0.0.1, and a fault-injecting
-proxy in front of it (latency per request, 503 SlowDown for a fraction of GETs, dropped connections).
+proxy in front of it or of SeaweedFS (seiscli.data.seaweed) (latency per request, 503 SlowDown for a fraction of GETs, dropped connections).
 
 Nothing here patches a client: the code under test talks real HTTP to a real S3 implementation.
 
@@ -23,7 +23,9 @@ SLOWDOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
 )
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
+# Host is forwarded as the client sent it: SigV4 signs it, and a server that checks signatures (SeaweedFS, AWS)
+# answers 403 to a request whose Host the proxy changed.
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length"}
 
 
 class MotoS3:
