@@ -2,10 +2,10 @@
 
 Random crop origins on MDIO's 128^3 chunks fetch whole chunks beyond the crop's edges (1.6x the bytes at the
 pretrain crop 640x640x1024). The training layout is Zarr v3 sharding: small inner chunks (32^3, 128 KiB) so that a
-crop at any origin reads little it does not use, inside shards of 128x128x256 (16 MiB raw, ~14 MB stored) so that
-a crop's interior is read as whole shards, one GET each, in the 8-16 MB range that S3 serves at full speed per
-request. Partial shards at the crop's faces are read as byte ranges of runs of inner chunks (zarr writes them in
-Morton order), coalesced (seiscli.data.shards).
+crop at any origin reads little it does not use (1.13x at the pretrain crop), in shards of 64 x 64 x the whole time
+axis (18 MiB raw at 1152 samples) whose inner chunks are written in C order (seiscli.data.shards.write_region):
+the inner chunks of one (inline, crossline) row then lie end to end, and a crop reads each row of its box as one
+range GET (441 GETs of ~4 MB for the pretrain crop; zarr's Morton order would need ~1,300 of ~1.5 MB).
 
 Everything here is arithmetic on shapes; it needs neither zarr nor the data.
 """
@@ -21,7 +21,7 @@ import numpy as np
 Shape3 = tuple[int, int, int]
 
 INNER: Shape3 = (32, 32, 32)  # amplification at the pretrain crop: 1.048 x 1.048 x 1.030 = 1.13 (random origins)
-SHARD: Shape3 = (128, 128, 256)  # 4 x 4 x 8 inner chunks; a full-shard GET of ~14 MB as lz4 stores seismic
+SHARD: Shape3 = (64, 64, 0)  # 0: the whole axis (rounded up to the inner chunks); 2 x 2 x 36 inner chunks at 1152
 MAX_GAP_BYTES = 0  # runs are merged only when adjacent: any gap read is amplification
 MAX_RANGE_BYTES = 16 * 2**20  # one range GET at most; S3 serves 8-16 MB ranges at a request's full rate
 
@@ -37,6 +37,11 @@ class CropCost:
     mean_get_bytes: float  # raw bytes per GET
 
 
+def resolve_shards(shards: Shape3, shape: Shape3, inner: Shape3) -> Shape3:
+    """Shards with each 0 replaced by its axis length rounded up to a multiple of the inner chunk."""
+    return tuple(s or -(-n // k) * k for s, n, k in zip(shards, shape, inner, strict=True))  # type: ignore[return-value]
+
+
 def axis_amplification(n: int, crop: int, chunk: int) -> float:
     """Mean over every origin in [0, n - crop] of (bytes of the chunks touched on this axis) / crop."""
     if crop > n:
@@ -50,6 +55,11 @@ def axis_amplification(n: int, crop: int, chunk: int) -> float:
 def read_amplification(shape: Shape3, crop: Shape3, chunks: Shape3) -> float:
     """Expected fetched / used bytes for random origins: the axes are independent, so the mean is the product."""
     return math.prod(axis_amplification(n, c, k) for n, c, k in zip(shape, crop, chunks, strict=True))
+
+
+def c_rank(grid: Shape3) -> np.ndarray:
+    """rank[i, j, k]: the position of inner chunk (i, j, k) in a shard written in C order (ours)."""
+    return np.arange(math.prod(grid)).reshape(grid)
 
 
 def morton_rank(grid: Shape3) -> np.ndarray:
@@ -93,9 +103,11 @@ def crop_cost(
     max_gap: int = MAX_GAP_BYTES,
     max_bytes: int = MAX_RANGE_BYTES,
     seed: int = 0,
+    order: str = "c",
 ) -> CropCost:
     """Expected GETs and amplification of a crop at random origins, inner chunks all of equal stored size (the
-    GET count does not depend on it when max_gap is 0). Without `shard` every chunk is its own object."""
+    GET count does not depend on it when max_gap is 0). Without `shard` every chunk is its own object. `order`: how
+    inner chunks lie in a shard, "c" (seis data rechunk) or "morton" (zarr-python's own writes)."""
     if any(c > n for c, n in zip(crop, shape, strict=True)):
         raise ValueError(f"crop {crop} exceeds the volume {shape}")
     amp = read_amplification(shape, crop, inner)
@@ -106,8 +118,9 @@ def crop_cost(
             for n, c, k in zip(shape, crop, inner, strict=True)
         )
         return CropCost(amp, gets, gets, gets, inner_bytes)
+    shard = resolve_shards(shard, shape, inner)
     per = tuple(s // k for s, k in zip(shard, inner, strict=True))
-    rank = morton_rank(per)  # type: ignore[arg-type]
+    rank = (c_rank if order == "c" else morton_rank)(per)  # type: ignore[arg-type]
     rng = random.Random(seed)
     tot_gets = tot_shards = tot_full = tot_bytes = 0
     for _ in range(samples):

@@ -53,14 +53,17 @@ def rechunk(
         name=str(ds_attrs.get("name") or "volume"), attributes=ds_attrs.get("attributes"),
         overwrite=overwrite, storage_options=dest_options,
     )  # fmt: skip
+    from seiscli.data.shards import write_region
+
     stats_attr = vol._data().attrs.get("statsV1")
     nz, ny, nx = shape
-    slab = np.empty((shards[0], shards[1], nx), dtype=vol.dtype)
-    for z0 in range(0, nz, shards[0]):
-        for y0 in range(0, ny, shards[1]):
-            box = slab[: min(shards[0], nz - z0), : min(shards[1], ny - y0)]
+    sz, sy = array.shards[:2]
+    slab = np.empty((sz, sy, nx), dtype=vol.dtype)
+    for z0 in range(0, nz, sz):
+        for y0 in range(0, ny, sy):
+            box = slab[: min(sz, nz - z0), : min(sy, ny - y0)]
             vol.read_into((z0, y0, 0), box)
-            array[z0 : z0 + box.shape[0], y0 : y0 + box.shape[1]] = box
+            write_region(array, (z0, y0, 0), box, compressor)
     if stats_attr is not None:
         array.attrs["statsV1"] = stats_attr
     out = open_volume(dest, storage_options=dest_options)
@@ -68,5 +71,5 @@ def rechunk(
         raise RuntimeError(f"{dest}: the rewritten volume reads back as {out.info.variable} {out.shape}")
     return Written(
         uri=dest, shape=shape, chunks=chunks, compressor=compressor, stats=out.info.stats,  # type: ignore[arg-type]
-        live_traces=int(mask.sum()),
+        live_traces=int(mask.sum()), shards=tuple(array.shards),  # type: ignore[arg-type]
     )  # fmt: skip

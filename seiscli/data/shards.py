@@ -123,6 +123,19 @@ class ShardReader:
         for s, buf in zip(want, got, strict=True):
             self._index[s] = None if buf is None else self._parse_index(buf.to_bytes())
 
+    def write_order(self) -> str:
+        """ "c" when the first shard's inner chunks lie in C order (seis data rechunk), else "morton" (zarr)."""
+        from zarr.core.sync import sync
+
+        first = (0,) * len(self.per)
+        sync(self._load_indexes([first]))
+        table = self._index[first]
+        if table is None:
+            return "c"
+        offsets = table[..., 0].ravel()
+        offsets = offsets[offsets != EMPTY]
+        return "c" if bool(np.all(np.diff(offsets.astype(np.int64)) > 0)) else "morton"
+
     # -- reads -----------------------------------------------------------------------------------
 
     async def read_into(self, origin: tuple[int, ...], out: np.ndarray) -> None:
@@ -225,3 +238,89 @@ class ShardReader:
             chunk = tuple(c[a] + box[a][0] for a in range(3))
             _, dst = self._region(shard, chunk, origin, out)
             out[dst] = self.fill
+
+
+# -- writing -----------------------------------------------------------------------------------------------------
+# zarr-python 3.1 writes a shard's inner chunks in Morton order. The index makes any order valid (the spec locates
+# every inner chunk by offset), and for crops C order is better: the inner chunks of one (inline, crossline) row
+# lie end to end along time, so a crop reads each row of its box in one range GET (441 GETs of ~4 MB for the
+# pretrain crop in shards spanning the time axis, against ~1,300 of ~1.5 MB in Morton order; seiscli.data.layout).
+
+
+def _encoder(compressor: str) -> Callable[[np.ndarray], bytes]:
+    """The numcodecs encoder matching write.zarr_compressors(compressor) (same frames, any Zarr reader decodes)."""
+    from numcodecs import LZ4, Blosc, Zstd
+
+    if compressor == "none":
+        return lambda a: a.tobytes()
+    if compressor == "zstd-raw":
+        return lambda a, c=Zstd(level=1): bytes(c.encode(a.tobytes()))  # type: ignore[misc]
+    if compressor == "lz4-raw":
+        return lambda a, c=LZ4(acceleration=1): bytes(c.encode(a.tobytes()))  # type: ignore[misc]
+    blosc = Blosc(cname=compressor, clevel=5, shuffle=Blosc.SHUFFLE, blocksize=0)
+    return lambda a: bytes(blosc.encode(a))  # an array, so that blosc shuffles by its item size
+
+
+def encode_shard(
+    data: np.ndarray, inner: tuple[int, ...], fill: Any, encode: Callable[[np.ndarray], bytes]
+) -> bytes | None:
+    """One shard object: inner chunks of `data` (the whole shard, padded) in C order, then the index (offset,
+    length as little-endian uint64 per inner chunk, C order of coordinates; all-fill chunks marked empty) and its
+    crc32c. None when every inner chunk is fill (zarr then writes no object either)."""
+    import google_crc32c
+
+    per = tuple(s // k for s, k in zip(data.shape, inner, strict=True))
+    index = np.full((*per, 2), EMPTY, dtype="<u8")
+    parts: list[bytes] = []
+    offset = 0
+    fill_is_nan = isinstance(fill, float | np.floating) and np.isnan(fill)
+    for c in np.ndindex(*per):
+        block = data[tuple(slice(i * k, (i + 1) * k) for i, k in zip(c, inner, strict=True))]
+        if np.isnan(block).all() if fill_is_nan else (block == fill).all():
+            continue
+        b = encode(np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<")))
+        index[c] = (offset, len(b))
+        parts.append(b)
+        offset += len(b)
+    if not parts:
+        return None
+    raw = index.tobytes()
+    return b"".join(parts) + raw + np.uint32(google_crc32c.value(raw)).astype("<u4").tobytes()
+
+
+def write_region(array: Any, origin: tuple[int, ...], data: np.ndarray, compressor: str) -> None:
+    """array[origin : origin + data.shape] = data. For a sharded array the region must start on the shard grid
+    and cover whole shards (or reach the array's end); each shard is then written in C order (see above)."""
+    from zarr.codecs import ShardingCodec
+
+    codecs = getattr(array.metadata, "codecs", ())
+    if not (len(codecs) == 1 and isinstance(codecs[0], ShardingCodec)):
+        array[tuple(slice(o, o + n) for o, n in zip(origin, data.shape, strict=True))] = data
+        return
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    shard = tuple(array.metadata.chunk_grid.chunk_shape)
+    inner = tuple(codecs[0].chunk_shape)
+    for o, n, s, total in zip(origin, data.shape, shard, array.shape, strict=True):
+        if o % s or (n % s and o + n != total):
+            raise ValueError(f"write_region: origin {origin} shape {data.shape} does not cover whole shards {shard}")
+    fill = array.metadata.fill_value
+    encode = _encoder(compressor)
+    store = array.store_path.store
+    buf = np.empty(shard, dtype=array.dtype)
+    for idx in np.ndindex(*(-(-n // s) for n, s in zip(data.shape, shard, strict=True))):
+        part = data[tuple(slice(i * s, (i + 1) * s) for i, s in zip(idx, shard, strict=True))]
+        buf[...] = fill
+        buf[tuple(slice(0, n) for n in part.shape)] = part
+        payload = encode_shard(buf, inner, fill, encode)
+        coords = tuple(o // s + i for o, s, i in zip(origin, shard, idx, strict=True))
+        key = (
+            f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
+            if array.path
+            else array.metadata.encode_chunk_key(coords)
+        )
+        if payload is None:
+            sync(store.delete(key))
+        else:
+            sync(store.set(key, default_buffer_prototype().buffer.from_bytes(payload)))

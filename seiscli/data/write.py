@@ -40,6 +40,7 @@ class Written:
     compressor: str
     stats: VolumeStats
     live_traces: int
+    shards: Shape3 | None = None
 
 
 def _check(shape: Shape3, chunks: Shape3, compressor: str, shards: Shape3 | None = None) -> Shape3:
@@ -99,8 +100,10 @@ def write_volume(
         uri, shape, live_mask, chunks=chunks, compressor=compressor, shards=shards, name=name,
         attributes=attributes, overwrite=overwrite, storage_options=storage_options,
     )  # fmt: skip
+    from seiscli.data.shards import write_region
+
     nz = shape[0]
-    rows = (shards or chunks)[0]  # whole shards per write: each object is written once
+    rows = (array.shards or chunks)[0]  # whole shards per write: each object is written once
     acc = _stats_accumulator(data, live_mask, rows)
     for z0 in range(0, nz, rows):
         z1 = min(nz, z0 + rows)
@@ -109,13 +112,14 @@ def write_volume(
         if not live.all():
             slab = np.where(live[:, :, None], slab, np.float32(np.nan)).astype(np.float32, copy=False)
         acc.update(slab[live])
-        array[z0:z1] = slab
+        write_region(array, (z0, 0, 0), slab, compressor)
     stats = acc.result()
     # Same encoding as MDIO's importer (a JSON string), validated against MDIO's schema.
     array.attrs["statsV1"] = SummaryStatistics.model_validate(stats.to_stats_v1()).model_dump_json()
     return Written(
-        uri=uri, shape=shape, chunks=chunks, compressor=compressor, stats=stats, live_traces=int(live_mask.sum())
-    )
+        uri=uri, shape=shape, chunks=chunks, compressor=compressor, stats=stats, live_traces=int(live_mask.sum()),
+        shards=tuple(array.shards) if array.shards else None,  # type: ignore[arg-type]
+    )  # fmt: skip
 
 
 def create_volume(
@@ -140,6 +144,10 @@ def create_volume(
     from mdio.builder.xarray_builder import to_xarray_dataset
     from upath import UPath
 
+    if shards is not None:
+        from seiscli.data.layout import resolve_shards
+
+        shards = resolve_shards(shards, shape, chunks)
     chunks = _check(shape, chunks, compressor, shards)
     if live_mask.shape != shape[:2]:
         raise ValueError(f"live_mask shape {live_mask.shape} != (inline, crossline) {shape[:2]}")

@@ -204,11 +204,13 @@ def inspect(
         if any(c > n for c, n in zip(crop, info.shape, strict=True)):
             table.add_row(f"crop {shown}", f"larger than the volume {'x'.join(map(str, info.shape))}")
         else:
-            cost = crop_cost(info.shape, crop, info.chunks, info.shards)
+            vol._data()  # builds the shard reader of a sharded array
+            order = vol._reader.write_order() if vol._reader is not None else "morton"
+            cost = crop_cost(info.shape, crop, info.chunks, info.shards, order=order)
             table.add_row(f"crop {shown} (random origins)", f"read amplification {cost.amplification:.3f}")
             gets = f"{cost.gets:,.0f} GETs per crop, {_human(cost.mean_get_bytes)} each on average (decoded size)"
             if info.shards:
-                gets += f"; {cost.shards:.0f} shards touched, {cost.full_shards:.0f} read whole"
+                gets += f"; {cost.shards:.0f} shards touched, {cost.full_shards:.0f} read whole; {order} order"
             table.add_row("requests", gets)
     out.print(table)
 
@@ -220,8 +222,9 @@ def rechunk(
         tuple[int, int, int], typer.Option("--chunks", help="Inner chunk shape: the unit a crop reads.")
     ] = (32, 32, 32),
     shards: Annotated[
-        tuple[int, int, int], typer.Option("--shards", help="Shard (object) shape, a multiple of --chunks.")
-    ] = (128, 128, 256),
+        tuple[int, int, int],
+        typer.Option("--shards", help="Shard (object) shape, a multiple of --chunks; 0 = the whole axis."),
+    ] = (64, 64, 0),
     compressor: Annotated[str, typer.Option("--compressor", help="zstd, lz4, zstd-raw, lz4-raw or none.")] = "lz4",
     spread: Annotated[
         int, typer.Option("--spread", help="Into a folder: under N hashed prefixes (DEST/hh/NAME.mdio); 0 = off.")
@@ -231,7 +234,7 @@ def rechunk(
     region: RegionOpt = None,
 ) -> None:
     """Rewrite volumes in the training layout for object storage: Zarr v3 shards of small inner chunks, so a crop
-    at any origin reads little it does not use and its interior is read as whole ~14 MB shards."""
+    at any origin reads little it does not use, each row of inner chunks along time one range GET."""
     _require("numpy")
     from seiscli.data.write import COMPRESSORS  # zarr and mdio load inside its functions, after the checks
 
@@ -239,8 +242,8 @@ def rechunk(
         _fail("rechunk needs at least one volume and a destination: seis data rechunk SRC.mdio [...] DEST")
     if min(chunks) < 1:
         _fail(f"--chunks {' '.join(map(str, chunks))}: every axis must be >= 1")
-    if any(s < 1 or s % c for s, c in zip(shards, chunks, strict=True)):
-        _fail(f"--shards {' '.join(map(str, shards))}: every axis must be a multiple of --chunks")
+    if any(s < 0 or s % c for s, c in zip(shards, chunks, strict=True)):
+        _fail(f"--shards {' '.join(map(str, shards))}: every axis must be a multiple of --chunks (0: the whole axis)")
     if compressor not in COMPRESSORS:
         _fail(f"--compressor {compressor!r}: allowed {', '.join(COMPRESSORS)}")
     if spread < 0:
@@ -276,7 +279,7 @@ def rechunk(
         stored = _stored_bytes(target, storage_options_for(target, endpoint_url=endpoint_url, region=region))
         size = f", {_human(stored)} stored" if stored is not None else ""
         out.print(
-            f"rechunked {src} -> {target}: {'x'.join(map(str, w.shape))}, shards {'x'.join(map(str, shards))} of "
+            f"rechunked {src} -> {target}: {'x'.join(map(str, w.shape))}, shards {'x'.join(map(str, w.shards))} of "
             f"{'x'.join(map(str, w.chunks))}, {compressor}{size}, {time.perf_counter() - t0:.1f} s",
             highlight=False,
         )
