@@ -108,9 +108,8 @@ class ShardReader:
             else self.metadata.encode_chunk_key(shard)
         )
 
-    def _parse_index(self, raw: bytes) -> np.ndarray:
-        table = np.frombuffer(raw[: 16 * self.n_inner], dtype="<u8").reshape(*self.per, 2)
-        return table
+    def _parse_index(self, raw: bytes | np.ndarray) -> np.ndarray:
+        return np.frombuffer(raw[: 16 * self.n_inner], dtype="<u8").reshape(*self.per, 2)
 
     async def _load_indexes(self, shards: list[tuple[int, ...]]) -> None:
         from zarr.abc.store import RangeByteRequest, SuffixByteRequest
@@ -169,7 +168,7 @@ class ShardReader:
             if buf is None:
                 await loop.run_in_executor(pool, self._fill_box, shard, boxes[shard], origin, out)
                 return
-            raw = buf.to_bytes()
+            raw = buf.as_numpy_array()  # a view of the received bytes, not a copy
             idx = raw[-self.index_size :] if self.index_at_end else raw[: self.index_size]
             table = self._parse_index(idx)
             chunks = [(c, int(table[c][0]), int(table[c][1])) for c in np.ndindex(*self.per)]
@@ -179,7 +178,7 @@ class ShardReader:
             buf = await self.store.get(self.key(shard), proto, RangeByteRequest(start, end))
             if buf is None:  # the shard vanished since its index was read
                 raise FileNotFoundError(self.key(shard))
-            await loop.run_in_executor(pool, self._place, shard, chunks, buf.to_bytes(), start, origin, out)
+            await loop.run_in_executor(pool, self._place, shard, chunks, buf.as_numpy_array(), start, origin, out)
 
         for shard in full:
             jobs.append(whole(shard))
@@ -217,7 +216,7 @@ class ShardReader:
         return tuple(src), tuple(dst)
 
     def _place(
-        self, shard: tuple[int, ...], chunks: list[tuple[Any, int, int]], raw: bytes, base: int,
+        self, shard: tuple[int, ...], chunks: list[tuple[Any, int, int]], raw: bytes | np.ndarray, base: int,
         origin: tuple[int, ...], out: np.ndarray,
     ) -> None:  # fmt: skip
         """Decode each inner chunk (offset, length within the shard; raw starts at shard byte `base`) into out."""

@@ -68,7 +68,9 @@ def synth(
     chunks: Annotated[
         tuple[int, int, int], typer.Option("--chunks", help="Chunk shape; 128^3 float32 = 8 MiB per chunk.")
     ] = (128, 128, 128),
-    compressor: Annotated[str, typer.Option("--compressor", help="zstd (MDIO's default), lz4 or none.")] = "zstd",
+    compressor: Annotated[
+        str, typer.Option("--compressor", help="zstd (MDIO's default), lz4, zstd-raw, lz4-raw or none.")
+    ] = "zstd",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing dataset.")] = False,
     endpoint_url: EndpointOpt = None,
     region: RegionOpt = None,
