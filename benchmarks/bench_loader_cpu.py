@@ -9,7 +9,9 @@ It uses only `build_loader`, `state`/`stats` and `close`, so the same script mea
 seiscli (PYTHONPATH=that checkout) for a before/after in one run. CPU comes from /proc: utime + stime of the
 process's descendants (forkserver and DataLoader workers: decode, S3 client, copies) and of this process
 (pin-memory or copy thread, H2D, device normalisation launches), between the end of warm-up and the end of the
-window. Each batch is synchronised on the device (what a training step does before the next one).
+window. Each batch is synchronised on the device (what a training step does before the next one). Warm-up
+drains what the workers prefetch (workers x prefetch batches, plus the ring's margin) so that the window
+measures building batches, not handing out ready ones (a 10-batch window after 2 did not, 2026-12-02).
 `--casts` times, on one thread, the host passes a worker could do per GB of float32: today's normalisation,
 a cast to bf16 (torch) and to fp16 (numpy), against shipping the stored dtype (no pass).
 """
@@ -76,7 +78,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     it = iter(loader)
     first = None
     try:
-        for i in range(args.warmup):
+        warmup = args.warmup if args.warmup is not None else args.workers * args.prefetch + 2
+        for i in range(warmup):
             x = next(it)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -157,8 +160,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--prefetch", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--batches", type=int, default=12)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batches", type=int, default=24)
+    ap.add_argument("--warmup", type=int, help="batches before the window (default: workers * prefetch + 2)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--label", default="this checkout")
     ap.add_argument("--casts", action="store_true")
