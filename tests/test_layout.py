@@ -106,6 +106,22 @@ def test_sharded_crops_equal_the_data(tmp_path: Path, compressor: str) -> None:
     assert vol._reader is not None and vol._reader.write_order() == "c"  # our writer, and our reader read it
 
 
+def test_a_sharded_volume_keeps_its_label_arrays(tmp_path: Path) -> None:
+    """write_volume's `shards` (the training layout) and `labels` (fault masks beside the amplitudes) together."""
+    from seiscli.data.write import FAULTS
+
+    data = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    faults = (data > 1).astype(np.uint8)
+    uri = str(tmp_path / "v.mdio")
+    written = write_volume(uri, data, chunks=(16, 16, 16), shards=(32, 32, 32), labels={FAULTS: faults})
+    group = zarr.open_group(uri, mode="r")
+    assert written.shards == (32, 32, 32) and group["amplitude"].shards == (32, 32, 32)
+    assert np.array_equal(group["amplitude"][...], data) and np.array_equal(group[FAULTS][...], faults)
+    with pytest.raises(ValueError, match="label 'fault_mask' has shape"):
+        write_volume(str(tmp_path / "w.mdio"), data, labels={FAULTS: faults[:3]})
+    assert not (tmp_path / "w.mdio").exists()  # refused before anything was written
+
+
 def test_a_crop_is_coalesced_into_few_gets(tmp_path: Path) -> None:
     uri = str(tmp_path / "s.mdio")
     write_volume(uri, synthetic_volume(SHAPE, 1), chunks=(8, 8, 8), shards=(16, 16, 32), compressor="lz4")
