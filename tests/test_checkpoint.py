@@ -658,6 +658,35 @@ def test_exit_2_only_when_no_checkpoint_loads(tmp_path: Path) -> None:
         CheckpointManager(recipe, env, tmp_path).resume(engine, None)
 
 
+def test_an_early_started_loader_follows_resume_back_to_the_previous_checkpoint(tmp_path: Path, data_dir: Path) -> None:
+    """start_loader positions and starts the loader at the checkpoint resume() tries first; when that one does
+    not load, resume() falls back and the loader is re-positioned at the older one (workers restarted there)."""
+    from seiscli.train.entry import start_loader
+
+    torch.set_num_threads(1)
+    recipe, env = tiny(**{"data.workers": 1}), single_env()
+    engine = build_engine(build_model(recipe, env.device), recipe, env)
+    manager = CheckpointManager(recipe, env, tmp_path)
+    saver = build_loader(recipe, dp_rank=0, dp_size=1, device=env.device)
+    mb = recipe.train.micro_batch
+    for step in (2, 4):
+        train_one_step(engine, recipe, step)
+        saver.load_state_dict(saver.state_dict() | {"position": step * mb})
+        manager.save(step, engine, saver)
+    _unloadable(manager.root / "step-000004" / "engine" / "model_optim.pt")
+
+    loader, checkpoints = start_loader(recipe, env, tmp_path)
+    assert loader.position == 4 * mb and loader._pump is not None  # started at the newest checkpoint
+    assert checkpoints.resume(engine, loader) == 2
+    assert loader.position == 2 * mb
+    assert torch.equal(next(iter(loader)), saver.dataset[2 * mb][0])
+    loader.close()
+    sweep_loader, none = start_loader(recipe, env, tmp_path, sweep=True)  # a sweep run: no manager
+    assert none is None and sweep_loader.position == 0 and sweep_loader._pump is not None
+    sweep_loader.close()
+    saver.close()
+
+
 @pytest.mark.slow
 def test_a_rank_hung_in_a_save_stops_the_job_within_the_save_timeout(
     tmp_path: Path, data_dir: Path, capfd: pytest.CaptureFixture[str]

@@ -62,7 +62,7 @@ def test_bad_input_exits_2(tmp_path: Path) -> None:
     r = seis("data", "synth", str(tmp_path / "x.mdio"), "--shape", "8", "0", "8")
     assert r.returncode == 2 and "--shape 8 0 8: every axis must be >= 1" in r.stderr
     r = seis("data", "synth", str(tmp_path / "x.mdio"), "--shape", "8", "8", "8", "--compressor", "gzip")
-    assert r.returncode == 2 and "allowed zstd, lz4, none" in r.stderr
+    assert r.returncode == 2 and "allowed zstd, lz4, zstd-raw, lz4-raw, none" in r.stderr
     assert not (tmp_path / "x.mdio").exists()
 
 

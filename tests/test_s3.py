@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 
-from seiscli.data.retry import is_transient
 from seiscli.data.s3local import FaultProxy, Faults, MotoS3
 from seiscli.data.synth import synthetic_volume
 from seiscli.data.volume import VolumeError, open_volume
@@ -151,27 +150,6 @@ def test_throttling_and_resets_are_retried_and_counted(
     assert injected["slowdown"] > 0
     assert s["retries"] >= injected["slowdown"] > 0 and s["throttled"] > 0
     assert s["read_errors"] == 0 and s["failed_reads"] == 0 and s["volumes_dropped"] == 0
-
-
-def _client_error(message: str) -> Exception:
-    """An exception as obstore raises them (its class lives in an `obstore` module)."""
-    cls = type("GenericError", (Exception,), {"__module__": "obstore.exceptions"})
-    return cls(message)
-
-
-@pytest.mark.parametrize(
-    ("message", "transient"),
-    [
-        # obstore's own wording; the timing once held "403" and turned a 503 into a permanent error
-        ("GET http://h/k in 987.403µs - Server returned non-2xx status code: 503 Service Unavailable", True),
-        ("GET http://h/k in 1.2ms - Server returned non-2xx status code: 500 Internal Server Error", True),
-        ("GET http://h/k in 2.5ms - Server returned non-2xx status code: 403 Forbidden: AccessDenied", False),
-        ("An error occurred (403) when calling the GetObject operation: Forbidden", False),
-        ("The specified bucket does not exist: NoSuchBucket", False),
-    ],
-)  # fmt: skip
-def test_which_client_errors_are_retried(message: str, transient: bool) -> None:
-    assert is_transient(_client_error(message)) is transient
 
 
 def test_deleted_volume_is_dropped_and_the_stream_goes_on(

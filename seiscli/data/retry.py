@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal
 
 from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype
@@ -80,30 +80,112 @@ def _limiter(limit: int) -> asyncio.Semaphore:
     return sem
 
 
+# -- classifying a failed GET by what the clients type, not by their wording -----------------------------------
+# botocore (s3fs, aiobotocore) carries the HTTP status and the S3 error code in ClientError.response; s3fs raises
+# FileNotFoundError/PermissionError/OSError with that ClientError as the cause; aiohttp's ClientResponseError has
+# .status; botocore and aiohttp type their timeouts and connection failures. obstore (0.12) types 401/403/404 and
+# invalid paths as exception classes, and everything else (5xx, 429, timeouts, dropped connections) as
+# GenericError without a status attribute: there the status is read from the fixed "status code: NNN" field of
+# object_store's RetryError, and a GenericError without one is a transport failure.
+
+Kind = Literal["throttle", "transient", "permanent"]
+THROTTLE_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+     "TooManyRequestsException", "RequestThrottled", "RequestThrottledException", "SlowDownRead"}
+)  # fmt: skip
+_OBSTORE_STATUS = re.compile(r"status code: (\d{3})\b")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and those it was raised from or during (s3fs wraps botocore's), at most 8."""
+    out: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and len(out) < 8 and e not in out:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _obstore_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(permanent classes, GenericError) from obstore, or empty tuples without it."""
+    try:
+        from obstore import exceptions as ox
+    except ImportError:
+        return (), ()
+    permanent = tuple(
+        getattr(ox, n)
+        for n in ("PermissionDeniedError", "UnauthenticatedError", "InvalidPathError", "NotFoundError",
+                  "NotSupportedError", "PreconditionError", "AlreadyExistsError", "UnknownConfigurationKeyError")
+        if hasattr(ox, n)
+    )  # fmt: skip
+    return permanent, (ox.GenericError,)
+
+
+def status_of(exc: BaseException) -> tuple[int | None, str | None]:
+    """(HTTP status, S3 error code) that the exception or one under it carries; None where none does."""
+    _, generic = _obstore_types()
+    for e in _chain(exc):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):  # botocore ClientError
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            code = (response.get("Error") or {}).get("Code")
+            if status or code:
+                return (int(status) if status else None), code
+        status = getattr(e, "status", None)
+        if isinstance(status, int) and 100 <= status < 600:  # aiohttp ClientResponseError
+            return status, None
+        if generic and isinstance(e, generic):
+            m = _OBSTORE_STATUS.search(str(e))
+            return (int(m.group(1)) if m else None), None
+    return None, None
+
+
+def _transport_types() -> tuple[type, ...]:
+    """Timeouts and broken connections as the HTTP stacks type them."""
+    types: list[type] = [TimeoutError, ConnectionError, asyncio.TimeoutError]
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+
+        types += [HTTPClientError, BotoConnectionError]  # ReadTimeoutError, ConnectTimeoutError, EndpointConnection..
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        types += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError]
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def classify(exc: BaseException) -> Kind:
+    """throttle (slow down and retry), transient (retry), or permanent (retrying cannot help)."""
+    status, code = status_of(exc)
+    if code in THROTTLE_CODES or status in (429, 503):
+        return "throttle"
+    if status is not None:
+        return "transient" if status >= 500 or status == 408 else "permanent"
+    permanent, generic = _obstore_types()
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, *permanent)):
+        return "permanent"
+    if isinstance(exc, _transport_types()):
+        return "transient"
+    if generic and isinstance(exc, generic):
+        return "transient"  # obstore's GenericError without a status: the request never got an answer
+    if type(exc) is OSError:  # s3fs's wrapper of an unlisted botocore error, without a cause to read
+        return "transient"
+    return "permanent"
+
+
 def is_throttle(exc: BaseException) -> bool:
-    text = f"{type(exc).__name__} {exc}"
-    return any(s in text for s in ("SlowDown", "503", "reduce your request rate", "Throttl", "TooManyRequests"))
-
-
-# A refusal that retrying cannot cure. The status code is matched with its context: a bare "403" also occurs in
-# the timings obstore puts in its messages ("GET ... in 987.403µs - ... 503 Service Unavailable").
-_PERMANENT = re.compile(r"status code: 403|\(403\)|\bForbidden\b|AccessDenied|NoSuchBucket")
+    return classify(exc) == "throttle"
 
 
 def is_transient(exc: BaseException) -> bool:
     """Worth another try: throttling, server errors, timeouts, dropped connections. Not: missing objects,
     denied access, bad paths or programming errors."""
-    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
-        return False
-    name = type(exc).__name__
-    if name in ("NotFoundError", "PermissionDeniedError", "UnauthenticatedError", "InvalidPathError"):
-        return False
-    if isinstance(exc, TimeoutError | ConnectionError | asyncio.TimeoutError):
-        return True
-    module = type(exc).__module__ or ""
-    if isinstance(exc, OSError) or module.startswith(("obstore", "aiohttp", "botocore", "aiobotocore", "s3fs")):
-        return not _PERMANENT.search(str(exc))
-    return False
+    return classify(exc) != "permanent"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """A local S3 endpoint for tests and benchmarks: moto's server over HTTP on 127.0.0.1, and a fault-injecting
-proxy in front of it (latency per request, 503 SlowDown for a fraction of GETs, dropped connections).
+proxy in front of it or of SeaweedFS (seiscli.data.seaweed): latency per request, 503 SlowDown for a fraction
+of GETs, dropped connections.
 
 Nothing here patches a client: the code under test talks real HTTP to a real S3 implementation.
 
@@ -23,7 +24,9 @@ SLOWDOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
 )
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
+# Host is forwarded as the client sent it: SigV4 signs it, and a server that checks signatures (SeaweedFS, AWS)
+# answers 403 to a request whose Host the proxy changed.
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length"}
 
 
 class MotoS3:
@@ -126,7 +129,9 @@ class FaultProxy:
                 return web.Response(status=500)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         url = URL(self.upstream + request.raw_path, encoded=True)
-        async with session.request(request.method, url, headers=headers, data=body, allow_redirects=False) as r:
+        # no body, no data: aiohttp would add Content-Type and Content-Length: 0 that the client did not send
+        data = body or None
+        async with session.request(request.method, url, headers=headers, data=data, allow_redirects=False) as r:
             payload = await r.read()
             out = {k: v for k, v in r.headers.items() if k.lower() not in HOP_BY_HOP}
             if request.method == "HEAD":

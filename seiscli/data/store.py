@@ -132,6 +132,10 @@ def _obstore_s3(uri: str, options: dict[str, Any]) -> Any:
         "timeout": f"{READ_TIMEOUT_S}s",
         "allow_http": bool(endpoint and endpoint.startswith("http://")),
     }
+    ca_bundle = os.environ.get("AWS_CA_BUNDLE")  # botocore's variable for a private CA; obstore takes the PEM
+    if ca_bundle:
+        with open(ca_bundle, "rb") as f:
+            client_options["root_certificate"] = f.read()
     provider = Boto3CredentialProvider()
     if not region and "region" not in provider.config:
         config["region"] = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"

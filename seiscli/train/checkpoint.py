@@ -256,6 +256,34 @@ class CheckpointManager:
 
     # -- resume ----------------------------------------------------------------------------------
 
+    def loader_state(self, loader: Any) -> dict[str, Any] | None:
+        """The loader state the newest complete checkpoint resumes this rank at, None on a fresh start; read
+        before the model is built so the loader can start its workers at the right position (collective).
+        It is the checkpoint resume() tries first (rank 0's choice); when that one then fails to load on some
+        rank, resume() falls back to an older one and re-positions the loader with its state. A trainer state
+        that does not read here gives None: resume() finds and reports it."""
+        import torch
+
+        chosen = self._from_main(find_latest(self.root) if self.env.is_main else None)
+        if chosen is None or not hasattr(loader, "state_dict"):
+            return None
+        found: Found = chosen
+        if self._same_layout(found):
+            mine = found.path / "trainer" / f"rank-{self.env.rank:05d}.pt"
+            try:
+                state = torch.load(mine, map_location="cpu", weights_only=True)
+            except Exception:  # whatever a damaged file raises: resume() sets it aside and falls back
+                return None
+            if not isinstance(state, dict) or state.get("step") != found.step:
+                return None
+            loader_state = state.get("loader")
+            return loader_state if isinstance(loader_state, dict) else None
+        t = self.recipe.train
+        return loader.state_dict() | {"position": found.step * t.micro_batch * t.grad_accum}
+
+    def _same_layout(self, found: Found) -> bool:
+        return found.manifest["world_size"] == self.env.world_size and found.manifest["cp"] == self.env.cp
+
     def _gather(self, value: Any) -> list[Any]:
         if not self.env.distributed:
             return [value]
@@ -291,7 +319,7 @@ class CheckpointManager:
                 break
             bad.append(self._set_aside(found, failed))
         step = found.step
-        same_layout = found.manifest["world_size"] == self.env.world_size and found.manifest["cp"] == self.env.cp
+        same_layout = self._same_layout(found)
         if state is not None:
             _set_rng_state(state["rng"], self.env.device)
             if hasattr(loader, "load_state_dict") and "loader" in state:
@@ -315,7 +343,7 @@ class CheckpointManager:
 
         try:
             engine.load(found.path / "engine")
-            if found.manifest["world_size"] != self.env.world_size or found.manifest["cp"] != self.env.cp:
+            if not self._same_layout(found):
                 return None, None
             mine = found.path / "trainer" / f"rank-{self.env.rank:05d}.pt"
             state = torch.load(mine, map_location="cpu", weights_only=True)

@@ -18,13 +18,15 @@ that is not a multiple of the chunk depth still makes neighbouring ranks fetch t
 
 Throughput: workers are started by forkserver, so no event loop, connection pool or Rust runtime of the
 trainer process crosses a fork; each worker reads the samples of a batch concurrently (one thread each,
-all GETs of the process capped at data.concurrency by RetryingStore) straight into the batch tensor in
-shared memory. Counters reach the trainer with each batch: `loader.stats()`.
+all GETs of the process capped at data.concurrency by RetryingStore; decode in zarr's pool of DECODE_THREADS,
+Blosc single-threaded) straight into a page-locked shared ring slot, as stored; the trainer process copies it
+to the device and normalises it there (seiscli.train.batch_transfer). Counters reach the trainer with each
+batch: `loader.stats()`.
 
 Failed reads and dropped volumes (data_sync.py says why): a failed crop read (retries exhausted, or chunks lost
 under live traces) is read again; after data.max_volume_failures failures of a volume in a row its samples are
-marked lost (never redrawn in the worker). The trainer process then drops the volume by agreement: with its CP
-group at once (every rank of the group drops it, and the group reads that micro-batch again from the same
+marked lost (zeroed, never redrawn in the worker). The trainer process then drops the volume by agreement: with
+its CP group at once (every rank of the group drops it, and the group reads that micro-batch again from the same
 position without it), with every rank at the next step boundary. The stream is thus a function of (seed,
 dp_rank, position, drop set), with the drop set shared by the CP group and, at step boundaries, by all ranks.
 Each micro-batch the CP group also compares a digest of its samples and stops on a mismatch.
@@ -54,6 +56,8 @@ from seiscli.data.retry import IOStats, ReadError, RetryPolicy, process_stats
 from seiscli.data.split import train_inlines
 from seiscli.data.volume import DataLossError, Volume, open_volume
 from seiscli.recipe import Recipe
+from seiscli.train.batch_transfer import NORM_BLOCK as NORM_BLOCK  # re-exported
+from seiscli.train.batch_transfer import DeviceFeed, Pump, SlotDataset, SlotRing, normalize_, ring_slots
 from seiscli.train.data_sync import DataSync, digest
 
 log = logging.getLogger(__name__)
@@ -62,7 +66,7 @@ Shape3 = tuple[int, int, int]
 MAX_ATTEMPTS = 64  # crops tried per sample before a volume is declared too dead to train on
 SYNTH_CHUNKS: Shape3 = (64, 64, 64)  # the local synthetic cache: small volumes, small crops
 STATE_VERSION = 2
-NORM_BLOCK = 1 << 16  # float32s normalised at a time: 256 KiB, stays in L2
+DECODE_THREADS = 2  # zarr decode threads per worker process
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,7 @@ class BatchReport:
     failed_reads: int = 0
     lost: list[int] = field(default_factory=list)  # volumes of samples that could not be read (slabs zeroed)
     digest: int = 0  # of the batch's samples: (position, volume, origin, flips, transpose) each
+    volumes: list[int] = field(default_factory=list)  # volume of each sample, for normalising on the device
 
 
 def slab_box(spec: CropSpec, crop: Shape3, cp_rank: int, cp_size: int) -> tuple[Shape3, Shape3]:
@@ -113,20 +118,6 @@ def volume_view(out: np.ndarray, spec: CropSpec) -> np.ndarray:
     if spec.flip_z:
         v = v[::-1]
     return v
-
-
-def normalize_(out: np.ndarray, centre_scale: tuple[float, float] | None, clip: float) -> None:
-    """In place: (x - centre) / scale clipped to +-clip (when centre_scale is given), NaN/inf (dead traces are
-    NaN in MDIO) to 0. Done block by block so the four passes run in cache, not four trips through memory:
-    on a 36 MiB crop 24 ms instead of 55 (dev box, ad hoc), the same bits."""
-    flat = out.reshape(-1) if out.flags.c_contiguous else None
-    blocks = (flat[i : i + NORM_BLOCK] for i in range(0, flat.size, NORM_BLOCK)) if flat is not None else [out]
-    for b in blocks:
-        if centre_scale is not None:
-            b -= np.float32(centre_scale[0])
-            b *= np.float32(1.0 / centre_scale[1])
-            np.clip(b, -clip, clip, out=b)
-        np.nan_to_num(b, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
@@ -263,23 +254,36 @@ class CropDataset(Dataset[tuple[torch.Tensor, BatchReport]]):
             f"or check the volumes' trace_mask"
         )
 
-    def read_into(self, spec: CropSpec, out: np.ndarray) -> None:
-        """Read this rank's slab of one crop into `out` (cz/P, cy, cx) float32, flipped and normalised."""
+    def read_into(self, spec: CropSpec, out: np.ndarray, normalize: bool = True) -> None:
+        """Read this rank's slab of one crop into `out` (cz/P, cy, cx), flipped, and normalised unless told not
+        to (then `out` has the stored dtype and `sample_norm` says how to normalise it later)."""
         origin, _ = slab_box(spec, self.crop, self.cp_rank, self.cp_size)
         self.volumes[spec.volume].read_into(origin, volume_view(out, spec))
-        centre_scale = self.centre_scale[spec.volume] if self.normalization == "zscore" else None
-        normalize_(out, centre_scale, self.clip)
+        if normalize:
+            normalize_(out, self.sample_norm(spec.volume), self.clip)
 
-    def load(self, index: int, out: np.ndarray) -> tuple[CropSpec, bool]:
-        """Sample `index` into `out`; returns its spec and whether it was read. A failed read is repeated; once
-        its volume has failed max_volume_failures times in a row (in this process) the sample is lost: `out` is
-        zeroed and the caller must not train on it. Never redrawn here: only the trainer process, with its CP
-        group, may change the stream (data_sync.py)."""
+    def sample_norm(self, volume: int) -> tuple[float, float] | None:
+        """(centre, scale) of a sample of `volume`, None when only non-finite values are zeroed."""
+        return self.centre_scale[volume] if self.normalization == "zscore" else None
+
+    @property
+    def stored_dtype(self) -> np.dtype:
+        """The dtype all volumes store (crops ship in it and are normalised on the device)."""
+        dtypes = {v.dtype for v in self.volumes}
+        if len(dtypes) != 1:
+            raise ValueError(f"data.uris mix stored dtypes {sorted(map(str, dtypes))}; convert them to one dtype")
+        return dtypes.pop()
+
+    def load(self, index: int, out: np.ndarray, normalize: bool = True) -> tuple[CropSpec, bool]:
+        """Sample `index` into `out` (normalised, or as stored with normalize=False); returns its spec and
+        whether it was read. A failed read is repeated; once its volume has failed max_volume_failures times in
+        a row (in this process) the sample is lost: `out` is zeroed and the caller must not train on it. Never
+        redrawn here: only the trainer process, with its CP group, may change the stream (data_sync.py)."""
         spec = self.spec(index)
         v = spec.volume
         while v not in self._lost:
             try:
-                self.read_into(spec, out)
+                self.read_into(spec, out, normalize)
             except (ReadError, DataLossError) as e:
                 with self._lock:
                     self._failed_reads += 1
@@ -293,38 +297,44 @@ class CropDataset(Dataset[tuple[torch.Tensor, BatchReport]]):
             with self._lock:
                 self._failures.pop(v, None)
             return spec, True
-        out[...] = 0.0
+        out[...] = 0
         return spec, False
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, BatchReport]:
+        """The normalised float32 batch at `position` built in this process (shared memory in a worker)."""
+        batch = torch.empty((self.micro_batch, 1, *self.slab), dtype=torch.float32)
+        if get_worker_info() is not None:  # build the batch in shared memory: no copy on the way back
+            batch.share_memory_()
+        return batch, self.fill(position, batch.numpy(), normalize=True)
+
+    def fill(self, position: int, view: np.ndarray, normalize: bool = False) -> BatchReport:
+        """Samples position .. position+micro_batch-1 into `view` (micro_batch, 1, *slab): normalised float32,
+        or (normalize=False) as stored, for the device to normalise (`BatchReport.volumes`)."""
         t0 = time.perf_counter()
         if os.getpid() not in _CPU_MARK:
             _cpu_since_last_report()  # start counting with the first batch, not at process start
-        batch = torch.empty((self.micro_batch, 1, *self.slab), dtype=torch.float32)
         info = get_worker_info()
-        if info is not None:  # build the batch in shared memory: no copy on the way back
-            batch.share_memory_()
-        view = batch.numpy()
         if self.micro_batch == 1:
-            loaded = [self.load(position, view[0, 0])]
+            loaded = [self.load(position, view[0, 0], normalize)]
         else:
             pool = _pool(self.micro_batch)
-            jobs = [pool.submit(self.load, position + i, view[i, 0]) for i in range(self.micro_batch)]
+            jobs = [pool.submit(self.load, position + i, view[i, 0], normalize) for i in range(self.micro_batch)]
             loaded = [job.result() for job in jobs]
         with self._lock:
             failed, self._failed_reads = self._failed_reads, 0
         report = BatchReport(
             worker=info.id if info is not None else -1,
             samples=self.micro_batch,
-            decoded_bytes=batch.nbytes,
+            decoded_bytes=self.micro_batch * int(np.prod(self.slab)) * 4,  # as float32 crops, whatever ships
             busy_s=time.perf_counter() - t0,
             cpu_s=_cpu_since_last_report(),
             io=process_stats().take(),
             failed_reads=failed,
             lost=sorted({spec.volume for spec, ok in loaded if not ok}),
             digest=digest(*(self.sample_digest(spec, position + i) for i, (spec, _) in enumerate(loaded))),
+            volumes=[spec.volume for spec, _ in loaded],
         )
-        return batch, report
+        return report
 
 
 class _Positions(Sampler[int]):
@@ -339,6 +349,17 @@ class _Positions(Sampler[int]):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
+    cap_codec_threads(DECODE_THREADS)
+
+
+def cap_codec_threads(threads: int) -> None:
+    """One process's decode threads: zarr decodes chunks in its thread pool (the codecs release the GIL), and
+    Blosc would start threads of its own inside each of them; 8 workers per GPU must not oversubscribe."""
+    import numcodecs.blosc
+    import zarr
+
+    numcodecs.blosc.set_nthreads(1)
+    zarr.config.set({"threading.max_workers": threads})
 
 
 def _origin_steps(v: Volume, crop: Shape3, align: bool) -> Shape3:
@@ -417,8 +438,13 @@ class _WorkerTotals:
 class CropLoader:
     """Iterable of normalised crop batches on `device`; `state_dict()` is the position in samples.
 
-    One iterator is live at a time: starting another, `load_state_dict` or `close()` stops the workers
-    of the previous one (which then raises or ends).
+    Workers decode crops as stored into a ring of shared slots (seiscli.train.batch_transfer); the trainer
+    process copies each slot to `device` (CUDA: on a side stream, one batch ahead) and normalises it there.
+    `start()` launches the workers and asks for the first batches before anything iterates (call it while
+    the model is built); the first iterator at that position takes them over.
+
+    One iterator is live at a time: starting another, `load_state_dict` to another position or `close()`
+    stops the workers of the previous one (which then raises or ends).
     """
 
     def __init__(
@@ -429,15 +455,21 @@ class CropLoader:
         prefetch: int,
         device: torch.device,
         sync: DataSync | None = None,
+        lookahead: bool | None = None,
     ) -> None:
         self.dataset = dataset
         self.workers = workers
         self.prefetch = prefetch
         self.device = device
         self.sync = sync  # None: a single process, or ranks that need not agree (tests)
+        # a thread that copies the next batch while the current step runs; by default on CUDA with workers
+        self.lookahead = device.type == "cuda" and workers > 0 if lookahead is None else lookahead
         self.position = 0  # samples handed out
         self._generation = 0
         self._workers_iter: Any = None
+        self._pump: Pump | None = None
+        self._pump_position = -1  # where the started pump begins; -1 when none was started
+        self._ring: SlotRing | None = None
         self._totals: dict[int, _WorkerTotals] = {}
         self._failed_reads = 0
         self._lost_samples = 0
@@ -450,38 +482,67 @@ class CropLoader:
     def micro_batch(self) -> int:
         return self.dataset.micro_batch
 
-    def _batches(self, start: int) -> Iterator[tuple[torch.Tensor, BatchReport]]:
+    def _ring_for(self) -> SlotRing:
+        if self._ring is None:
+            shape = (self.micro_batch, 1, *self.dataset.slab)
+            self._ring = SlotRing(ring_slots(self.workers, self.prefetch), shape, self.dataset.stored_dtype)
+            # the ring lives as long as the loader (restarts reuse it); released when the loader is collected
+            weakref.finalize(self, self._ring.close).atexit = False
+        return self._ring
+
+    def _source(self, start: int, ring: SlotRing) -> Iterator[tuple[int, BatchReport]]:
         mb = self.micro_batch
+        slots = SlotDataset(self.dataset, ring, mb)
         if self.workers == 0:
-            return (self.dataset[p] for p in itertools.count(start, mb))
+            self._workers_iter = None
+            return (slots[p] for p in itertools.count(start, mb))
         loader = DataLoader(
-            self.dataset,
+            slots,
             batch_size=None,
             sampler=_Positions(start, mb),
             num_workers=self.workers,
             prefetch_factor=self.prefetch,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=False,  # the ring is page-locked itself: no copy into pinned memory
             worker_init_fn=_worker_init,
             multiprocessing_context=_worker_context(),
             in_order=True,
         )
-        return iter(loader)
+        self._workers_iter = iter(loader)  # workers start and the first prefetch*workers batches are asked for
+        return self._workers_iter
+
+    def _norm_rows(self, report: BatchReport) -> list[tuple[float, float]] | None:
+        if self.dataset.normalization != "zscore":
+            return None
+        return [self.dataset.centre_scale[v] for v in report.volumes]
+
+    def start(self) -> None:
+        """Start the workers and request the first batches from the current position (idempotent)."""
+        if self._pump is not None and self._pump_position == self.position:
+            return
+        self.close()
+        ring = self._ring_for()
+        source = self._source(self.position, ring)
+        feed = DeviceFeed(self.device, self.dataset.clip)
+        self._pump = Pump(source, ring, feed, self._norm_rows, threaded=self.lookahead, pin=self.device.type == "cuda")
+        self._pump_position = self.position
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        self.close()
         self._generation += 1
         generation = self._generation
         self.end_step()  # a resumed or restarted stream starts from the drop set every rank agrees on
-        self._restart = False
-        batches = self._start()
+        if self._restart:  # the drop set changed: an early-started pump prefetched with the old one
+            self._restart = False
+            self.close()
+        pump = self._take_pump()  # takes over a pump started at this position, else starts one
         try:
             while True:
+                if generation != self._generation or self._pump is not pump:
+                    raise RuntimeError("this CropLoader iterator is stale: the loader was restarted or re-iterated")
                 if self._restart:  # agreed at a step boundary: what the workers prefetched is stale
                     self._restart = False
-                    self.close()
-                    batches = self._start()
+                    pump = self._restart_pump()
                 try:
-                    batch, report = next(batches)
+                    batch, report = pump.next()
                 except StopIteration:
                     return
                 if generation != self._generation:
@@ -490,22 +551,24 @@ class CropLoader:
                 lost = self._agree_batch(report)
                 if lost:  # the CP group drops them together and reads this position again without them
                     self._drop(lost, "on this rank or a context-parallel peer")
-                    self.close()
-                    batches = self._start()
+                    pump = self._restart_pump()
                     continue
-                if self.device.type == "cuda" and not batch.is_pinned():
-                    batch = batch.pin_memory()
                 self.position += self.micro_batch
-                yield batch.to(self.device, non_blocking=True)
+                yield batch
         finally:
-            if self._workers_iter is batches:
+            if self._pump is pump:
                 self.close()
 
-    def _start(self) -> Iterator[tuple[torch.Tensor, BatchReport]]:
-        batches = self._batches(self.position)
-        if self.workers:
-            self._workers_iter = batches
-        return batches
+    def _take_pump(self) -> Pump:
+        self.start()
+        self._pump_position = -1  # taken: a second iterator restarts
+        assert self._pump is not None
+        return self._pump
+
+    def _restart_pump(self) -> Pump:
+        """Stop the workers and the copy thread, and start them again at the current position."""
+        self.close()
+        return self._take_pump()
 
     def _agree_batch(self, report: BatchReport) -> set[int]:
         """Volumes that this rank or a peer of its CP group could not read in this micro-batch (raises if the
@@ -604,10 +667,16 @@ class CropLoader:
         }
 
     def close(self) -> None:
-        """Stop the worker processes of the live iterator, if any (idempotent)."""
+        """Stop the worker processes and the copy thread of the live iterator, if any (idempotent)."""
         it, self._workers_iter = self._workers_iter, None
+        pump, self._pump = self._pump, None
+        self._pump_position = -1
+        if pump is not None:
+            pump.stop()
         if it is not None:
             it._shutdown_workers()  # the DataLoader iterator's own shutdown, which its __del__ would run
+        if pump is not None:
+            pump.close()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -630,10 +699,17 @@ class CropLoader:
         position = int(state["position"])
         if position < 0:
             raise ValueError(f"loader state position {position} < 0")
-        self.close()  # its workers prefetch positions that no longer come next
         uris = [v.uri for v in self.dataset.volumes]
-        self.dataset.set_dropped({uris.index(u) for u in state.get("dropped", []) if u in uris})
+        dropped = {uris.index(u) for u in state.get("dropped", []) if u in uris}
         self._agreed = -1  # saved by this rank: agreed again with the others before the first batch
+        if (
+            self._pump is not None
+            and self._pump_position == position == self.position
+            and (dropped == self.dataset.dropped)
+        ):
+            return  # started early (start()) at exactly this state: keep the batches already asked for
+        self.close()  # its workers prefetch positions that no longer come next
+        self.dataset.set_dropped(dropped)
         self.position = position
         self._generation += 1
 

@@ -17,6 +17,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 from seiscli.recipe import Recipe, RecipeError, load_recipe
 from seiscli.run_layout import EXIT_OK, EXIT_USAGE
@@ -36,7 +37,6 @@ def train(recipe: Recipe, run_dir: Path, started: float, *, sweep: bool = False)
     note_start()
     # torch is imported here, after the recipe was read, so a bad recipe fails in a fraction of a second.
     from seiscli.train import distributed
-    from seiscli.train.checkpoint import CheckpointManager
     from seiscli.train.flops import recipe_flops
     from seiscli.train.model import build_model, plan_for
     from seiscli.train.parallel import build_engine
@@ -49,6 +49,8 @@ def train(recipe: Recipe, run_dir: Path, started: float, *, sweep: bool = False)
     code = EXIT_OK
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        # its workers build crops while the model builds; no CheckpointManager in a sweep run
+        loader, checkpoints = start_loader(recipe, env, run_dir, sweep=sweep)
         model = build_model(recipe, env.device)
         if env.cp_group is not None:
             model.set_context_parallel(env.cp_group, recipe.model.attention)
@@ -56,12 +58,6 @@ def train(recipe: Recipe, run_dir: Path, started: float, *, sweep: bool = False)
         if env.is_main:  # e.g. the generated DeepSpeed config, kept with the run
             for name, content in engine.config_files().items():
                 (run_dir / name).write_text(json.dumps(content, indent=2) + "\n")
-        from seiscli.train.data import build_loader
-
-        loader = build_loader(
-            recipe, dp_rank=env.dp_rank, dp_size=env.dp_size, device=env.device, cp_rank=env.cp_rank, cp_size=env.cp
-        )
-        checkpoints: CheckpointManager | None = None
         start = 0
         if sweep:
             # A scaling-sweep size: a short measuring run. No checkpoints; the allocation's collective
@@ -70,7 +66,6 @@ def train(recipe: Recipe, run_dir: Path, started: float, *, sweep: bool = False)
 
             bench_collectives(env.device, run_dir if env.is_main else None)
         else:
-            checkpoints = CheckpointManager(recipe, env, run_dir)
             start = checkpoints.resume(engine, loader)  # 0 when there is no checkpoint yet
         from seiscli.train.provenance import record_start
 
@@ -119,6 +114,28 @@ def _failure_code(e: Exception) -> int:
     _error(f"{type(e).__name__}: {e}")
     note_failure()
     return classify_exit(e)
+
+
+def start_loader(recipe: Recipe, env: Any, run_dir: Path, *, sweep: bool = False) -> tuple[Any, Any]:
+    """The rank's loader, started at the position the run resumes from, and the run's CheckpointManager (None
+    in a sweep run, which neither saves nor resumes: its loader starts at position 0).
+
+    No start-up transient (issue 13): the workers start and the first crops are requested now, before the
+    model is built (and compiled), so step 1 does not wait for them; resume() later finds the loader already
+    at its checkpoint's position and keeps the batches under way (or, when that checkpoint does not load and
+    resume() falls back to an older one, re-positions the loader with the older one's state)."""
+    from seiscli.train.checkpoint import CheckpointManager
+    from seiscli.train.data import build_loader
+
+    loader = build_loader(
+        recipe, dp_rank=env.dp_rank, dp_size=env.dp_size, device=env.device, cp_rank=env.cp_rank, cp_size=env.cp
+    )
+    checkpoints = None if sweep else CheckpointManager(recipe, env, run_dir)
+    state = checkpoints.loader_state(loader) if checkpoints is not None else None
+    if state is not None:
+        loader.load_state_dict(state)
+    loader.start()
+    return loader, checkpoints
 
 
 def main(argv: list[str] | None = None) -> int:

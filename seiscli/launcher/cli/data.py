@@ -68,7 +68,9 @@ def synth(
     chunks: Annotated[
         tuple[int, int, int], typer.Option("--chunks", help="Chunk shape; 128^3 float32 = 8 MiB per chunk.")
     ] = (128, 128, 128),
-    compressor: Annotated[str, typer.Option("--compressor", help="zstd (MDIO's default), lz4 or none.")] = "zstd",
+    compressor: Annotated[
+        str, typer.Option("--compressor", help="zstd (MDIO's default), lz4, zstd-raw, lz4-raw or none.")
+    ] = "zstd",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing dataset.")] = False,
     endpoint_url: EndpointOpt = None,
     region: RegionOpt = None,
@@ -123,13 +125,36 @@ def synth(
     )
 
 
+def _crop_for(crop: tuple[int, int, int] | None, recipe: str | None) -> tuple[int, int, int] | None:
+    """--crop, or a recipe's data.crop (a bundled recipe name or a YAML path)."""
+    if crop is not None and recipe is not None:
+        _fail("--crop and --recipe: give one of them")
+    if crop is not None:
+        if min(crop) < 1:
+            _fail(f"--crop {' '.join(map(str, crop))}: every axis must be >= 1")
+        return crop
+    if recipe is None:
+        return None
+    from seiscli.recipe import RecipeError, load_recipe
+
+    try:
+        return tuple(load_recipe(recipe).data.crop)  # type: ignore[return-value]
+    except (RecipeError, OSError) as e:
+        _fail(f"--recipe {recipe}: {e}")
+
+
 @app.command()
 def inspect(
     uri: Annotated[str, typer.Argument(help="MDIO dataset: local path or s3://bucket/key.mdio.")],
+    crop: Annotated[
+        tuple[int, int, int] | None,
+        typer.Option("--crop", help="Report read amplification and GETs per crop of this shape (random origins)."),
+    ] = None,
+    recipe: Annotated[str | None, typer.Option("--recipe", help="Same, for this recipe's data.crop.")] = None,
     endpoint_url: EndpointOpt = None,
     region: RegionOpt = None,
 ) -> None:
-    """Shape, chunks, dtype, size and statistics of a volume."""
+    """Shape, chunks, dtype, size and statistics of a volume; with --crop/--recipe, what a random crop costs."""
     _require("numpy", "zarr")
     import math
 
@@ -137,6 +162,7 @@ def inspect(
 
     from seiscli.data.volume import VolumeError, open_volume
 
+    crop = _crop_for(crop, recipe)
     try:
         vol = open_volume(uri, endpoint_url=endpoint_url, region=region)
     except (VolumeError, OSError) as e:
@@ -150,6 +176,9 @@ def inspect(
     table.add_row("variable", info.variable)
     table.add_row("shape (inline, crossline, time)", " x ".join(map(str, info.shape)))
     table.add_row("chunks", f"{' x '.join(map(str, info.chunks))} ({n_chunks} chunks)")
+    if info.shards:
+        n_shards = math.prod(math.ceil(n / c) for n, c in zip(info.shape, info.shards, strict=True))
+        table.add_row("shards", f"{' x '.join(map(str, info.shards))} ({n_shards} objects)")
     table.add_row("dtype", info.dtype)
     table.add_row("size", _human(info.nbytes))
     if stored is not None:
@@ -171,7 +200,92 @@ def inspect(
         centre, scale = s.centre_scale()
         sign = "-" if centre >= 0 else "+"
         table.add_row("loader normalisation", f"(x {sign} {abs(centre):.6g}) / {scale:.6g}")
+    if crop is not None:
+        from seiscli.data.layout import crop_cost
+
+        shown = "x".join(map(str, crop))
+        if any(c > n for c, n in zip(crop, info.shape, strict=True)):
+            table.add_row(f"crop {shown}", f"larger than the volume {'x'.join(map(str, info.shape))}")
+        else:
+            vol._data()  # builds the shard reader of a sharded array
+            order = vol._reader.write_order() if vol._reader is not None else "morton"
+            cost = crop_cost(info.shape, crop, info.chunks, info.shards, order=order)
+            table.add_row(f"crop {shown} (random origins)", f"read amplification {cost.amplification:.3f}")
+            gets = f"{cost.gets:,.0f} GETs per crop, {_human(cost.mean_get_bytes)} each on average (decoded size)"
+            if info.shards:
+                gets += f"; {cost.shards:.0f} shards touched, {cost.full_shards:.0f} read whole; {order} order"
+            table.add_row("requests", gets)
     out.print(table)
+
+
+@app.command()
+def rechunk(
+    paths: Annotated[list[str], typer.Argument(help="MDIO volume(s), then the destination (DEST.mdio or a folder).")],
+    chunks: Annotated[
+        tuple[int, int, int], typer.Option("--chunks", help="Inner chunk shape: the unit a crop reads.")
+    ] = (32, 32, 32),
+    shards: Annotated[
+        tuple[int, int, int],
+        typer.Option("--shards", help="Shard (object) shape, a multiple of --chunks; 0 = the whole axis."),
+    ] = (64, 64, 0),
+    compressor: Annotated[str, typer.Option("--compressor", help="zstd, lz4, zstd-raw, lz4-raw or none.")] = "lz4",
+    spread: Annotated[
+        int, typer.Option("--spread", help="Into a folder: under N hashed prefixes (DEST/hh/NAME.mdio); 0 = off.")
+    ] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing datasets.")] = False,
+    endpoint_url: EndpointOpt = None,
+    region: RegionOpt = None,
+) -> None:
+    """Rewrite volumes in the training layout for object storage: Zarr v3 shards of small inner chunks, so a crop
+    at any origin reads little it does not use, each row of inner chunks along time one range GET."""
+    _require("numpy")
+    from seiscli.data.write import COMPRESSORS  # zarr and mdio load inside its functions, after the checks
+
+    if len(paths) < 2:
+        _fail("rechunk needs at least one volume and a destination: seis data rechunk SRC.mdio [...] DEST")
+    if min(chunks) < 1:
+        _fail(f"--chunks {' '.join(map(str, chunks))}: every axis must be >= 1")
+    if any(s < 0 or s % c for s, c in zip(shards, chunks, strict=True)):
+        _fail(f"--shards {' '.join(map(str, shards))}: every axis must be a multiple of --chunks (0: the whole axis)")
+    if compressor not in COMPRESSORS:
+        _fail(f"--compressor {compressor!r}: allowed {', '.join(COMPRESSORS)}")
+    if spread < 0:
+        _fail(f"--spread {spread}: must be >= 0")
+    _require("zarr", "mdio")
+    from seiscli.data.rechunk import rechunk as do_rechunk
+    from seiscli.data.rechunk import spread_uri
+    from seiscli.data.store import exists, storage_options_for
+    from seiscli.data.volume import VolumeError
+
+    sources, dest = paths[:-1], paths[-1].rstrip("/")
+    if len(sources) == 1 and dest.endswith(".mdio") and not spread:
+        targets = [dest]
+    else:
+        names = [s.rstrip("/").rsplit("/", 1)[-1] for s in sources]
+        names = [n if n.endswith(".mdio") else f"{n}.mdio" for n in names]
+        if len(set(names)) != len(names):
+            _fail(f"sources share a name ({', '.join(names)}); rechunk them into separate folders")
+        targets = [spread_uri(dest, n, spread) for n in names]
+    for target in targets:
+        if not overwrite and exists(target, storage_options_for(target, endpoint_url=endpoint_url, region=region)):
+            _fail(f"{target} already exists; pass --overwrite to replace it")
+    for src, target in zip(sources, targets, strict=True):
+        t0 = time.perf_counter()
+        try:
+            w = do_rechunk(
+                src, target, chunks=chunks, shards=shards, compressor=compressor, overwrite=overwrite,
+                src_options=storage_options_for(src, endpoint_url=endpoint_url, region=region),
+                dest_options=storage_options_for(target, endpoint_url=endpoint_url, region=region),
+            )  # fmt: skip
+        except (VolumeError, ValueError, OSError) as e:
+            _fail(f"{src}: {e}")
+        stored = _stored_bytes(target, storage_options_for(target, endpoint_url=endpoint_url, region=region))
+        size = f", {_human(stored)} stored" if stored is not None else ""
+        out.print(
+            f"rechunked {src} -> {target}: {'x'.join(map(str, w.shape))}, shards {'x'.join(map(str, w.shards))} of "
+            f"{'x'.join(map(str, w.chunks))}, {compressor}{size}, {time.perf_counter() - t0:.1f} s",
+            highlight=False,
+        )
 
 
 @app.command()
@@ -185,11 +299,18 @@ def ingest(
         int, typer.Option("--crossline-byte", help="Trace-header byte of the crossline number.")
     ] = 193,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing datasets.")] = False,
+    training_layout: Annotated[
+        bool,
+        typer.Option(
+            "--training-layout", help="Write the training layout for object storage (as `seis data rechunk`)."
+        ),
+    ] = False,
     endpoint_url: EndpointOpt = None,
     region: RegionOpt = None,
 ) -> None:
     """Convert post-stack 3D SEG-Y to MDIO v1 with multidimio (PostStack3DTime): `seis data ingest A.segy B.segy
-    s3://bucket/surveys/` writes A.mdio and B.mdio there."""
+    s3://bucket/surveys/` writes A.mdio and B.mdio there. With --training-layout MDIO's import goes to a local
+    temporary folder and is then rewritten to the destination in the training layout."""
     _require("numpy", "zarr", "mdio", "segy")
     if len(paths) < 2:
         _fail("ingest needs at least one SEG-Y file and a destination: seis data ingest IN.segy [...] DEST")
@@ -213,26 +334,46 @@ def ingest(
     for target in targets:
         if not overwrite and exists(target, storage_options_for(target, endpoint_url=endpoint_url, region=region)):
             _fail(f"{target} already exists; pass --overwrite to replace it")
+    if training_layout and chunks is not None:
+        _fail("--chunks and --training-layout: the training layout sets its own chunks (see seis data rechunk)")
     for src, target in zip(sources, targets, strict=True):
         options = storage_options_for(target, endpoint_url=endpoint_url, region=region)
         t0 = time.perf_counter()
         try:
-            ingest_segy(
-                src,
-                target,
-                chunks=chunks,
-                inline_byte=inline_byte,
-                crossline_byte=crossline_byte,
-                overwrite=overwrite,
-                storage_options=options,
-            )
+            if training_layout:
+                import tempfile
+
+                from seiscli.data.rechunk import rechunk as do_rechunk
+
+                with tempfile.TemporaryDirectory(prefix="seis-ingest-") as tmp:
+                    staged = f"{tmp}/staged.mdio"
+                    ingest_segy(
+                        src,
+                        staged,
+                        inline_byte=inline_byte,
+                        crossline_byte=crossline_byte,
+                        storage_options=storage_options_for(src, endpoint_url=endpoint_url, region=region),
+                    )
+                    do_rechunk(staged, target, overwrite=overwrite, dest_options=options)
+            else:
+                ingest_segy(
+                    src,
+                    target,
+                    chunks=chunks,
+                    inline_byte=inline_byte,
+                    crossline_byte=crossline_byte,
+                    overwrite=overwrite,
+                    storage_options=options,
+                )
         except (ValueError, OSError) as e:
             _fail(f"{src}: {e}")
         info = open_volume(target, storage_options=options).info
         live = int(open_volume(target, storage_options=options).live_mask().sum())
         out.print(
             f"ingested {src} -> {target}: amplitude {'x'.join(map(str, info.shape))} {info.dtype}, "
-            f"chunks {'x'.join(map(str, info.chunks))}, {live:,} live traces, {time.perf_counter() - t0:.1f} s",
+            f"chunks {'x'.join(map(str, info.chunks))}"
+            + (f" in shards {'x'.join(map(str, info.shards))}" if info.shards else "")
+            + f", {live:,} live traces, {time.perf_counter() - t0:.1f} s",
             highlight=False,
         )
 
