@@ -461,10 +461,9 @@ def main() -> None:
     compression = stored / raw
     amp = [r.fetched_per_s / (r.decoded_per_s * compression) for r in rows if r.decoded_per_s > 0 and not r.aligned]
     amp_aligned = [r.fetched_per_s / (r.decoded_per_s * compression) for r in rows if r.decoded_per_s > 0 and r.aligned]
-    # per-CPU rate of the worker processes (workers >= 1) at the recipe's concurrency, averaged over paths
-    measured = [
-        r.decoded_per_cpu_s for r in rows if r.workers >= 1 and r.concurrency == args.concurrency and not r.aligned
-    ]
+    # per-CPU rate of the worker processes (workers >= 1; else the in-process rows) at the recipe's concurrency
+    at_recipe = [r for r in rows if r.concurrency == args.concurrency and not r.aligned]
+    measured = [r.decoded_per_cpu_s for r in at_recipe if r.workers >= 1] or [r.decoded_per_cpu_s for r in at_recipe]
     per_cpu = sum(measured) / len(measured)
     meta: dict[str, Any] = {
         "machine": f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",

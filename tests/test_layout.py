@@ -235,3 +235,41 @@ def test_sharded_volume_over_seaweedfs(seaweed_s3: Any, seaweed_bucket: str, tmp
     rec = _recipe(uri, endpoint_url=seaweed_s3.endpoint, s3_client=client)
     for x, y in zip(_take(_recipe(local)), _take(rec), strict=True):
         assert torch.equal(x, y)
+
+
+# -- the loader's guarantees hold on the training layout ---------------------------------------------------------
+
+
+def _sharded(tmp_path: Path) -> str:
+    uri = str(tmp_path / "s.mdio")
+    write_volume(uri, synthetic_volume(SHAPE, 7), chunks=(8, 8, 16), shards=(16, 16, 0), compressor="lz4")
+    return uri
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_exactly_on_a_sharded_volume(tmp_path: Path, workers: int) -> None:
+    rec = _recipe(_sharded(tmp_path), workers=workers, prefetch=2)
+    a = build_loader(rec, dp_rank=0, dp_size=1, device=CPU)
+    it = iter(a)
+    for _ in range(3):
+        next(it)
+    state = a.state_dict()
+    expected = [next(it) for _ in range(3)]
+    a.close()
+    b = build_loader(rec, dp_rank=0, dp_size=1, device=CPU)
+    b.load_state_dict(state)
+    got = list(itertools.islice(iter(b), 3))
+    b.close()
+    assert all(torch.equal(x, y) for x, y in zip(expected, got, strict=True))
+
+
+def test_cp_slabs_of_a_sharded_volume_equal_the_whole_crop(tmp_path: Path) -> None:
+    uri, crop, cp = _sharded(tmp_path), (32, 16, 16), 2
+    rec = _recipe(uri, crop=list(crop))
+    whole = _take(rec, 3)
+    for c in range(cp):
+        loader = build_loader(rec, dp_rank=0, dp_size=1, device=CPU, cp_rank=c, cp_size=cp)
+        slabs = list(itertools.islice(iter(loader), 3))
+        loader.close()
+        for w, s in zip(whole, slabs, strict=True):
+            torch.testing.assert_close(s, w[:, :, c * 16 : (c + 1) * 16], rtol=0, atol=0)

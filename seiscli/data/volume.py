@@ -145,6 +145,11 @@ class Volume:
     def dtype(self) -> np.dtype:
         return np.dtype(self.info.dtype)
 
+    def shard_order(self) -> str | None:
+        """How inner chunks lie in the shards: "c" (seis data rechunk), "morton" (zarr's writes), None unsharded."""
+        self._data()
+        return self._reader.write_order() if self._reader is not None else None
+
     @property
     def stats(self) -> VolumeStats | None:
         return self.info.stats

@@ -207,8 +207,7 @@ def inspect(
         if any(c > n for c, n in zip(crop, info.shape, strict=True)):
             table.add_row(f"crop {shown}", f"larger than the volume {'x'.join(map(str, info.shape))}")
         else:
-            vol._data()  # builds the shard reader of a sharded array
-            order = vol._reader.write_order() if vol._reader is not None else "morton"
+            order = vol.shard_order() or "c"
             cost = crop_cost(info.shape, crop, info.chunks, info.shards, order=order)
             table.add_row(f"crop {shown} (random origins)", f"read amplification {cost.amplification:.3f}")
             gets = f"{cost.gets:,.0f} GETs per crop, {_human(cost.mean_get_bytes)} each on average (decoded size)"
