@@ -58,7 +58,7 @@ slurm-down:
 # Tests never reach the EC2 metadata address: boto's credential chain is kept on this machine.
 test: install
 	bash scripts/local-slurm.sh up --nodes $(SLURM_NODES)
-	AWS_EC2_METADATA_DISABLED=true SEIS_REQUIRE_SLURM=1 $(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
+	AWS_EC2_METADATA_DISABLED=true SEIS_REQUIRE_SLURM=1 SEIS_REQUIRE_SEAWEED=1 $(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
 	  bash scripts/local-slurm.sh down; exit $$status
 
 test-fast: install
