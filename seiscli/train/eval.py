@@ -96,7 +96,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from seiscli.train import heldout, probe
-    from seiscli.train.data import CropDataset, _volumes
+    from seiscli.train.data import _volumes
     from seiscli.train.distributed import choose_device
     from seiscli.train.model import build_model, plan_for
 
@@ -117,10 +117,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(path, manifest, recipe, device)
     data = recipe.data
     volumes = _volumes(recipe)
-    dataset = CropDataset(
-        volumes, crop=tuple(data.crop), micro_batch=1, seed=recipe.eval.seed, dp_rank=0, flips=False,  # type: ignore[arg-type]
-        min_live_fraction=0.0, normalization=data.normalization, clip=data.clip,
-    )  # fmt: skip
+    dataset = heldout.eval_dataset(recipe, volumes)
     crop, seed = tuple(data.crop), recipe.eval.seed
     samples = args.samples or recipe.eval.samples
     held = heldout.read_crops(dataset, heldout.draw_specs(volumes, crop, fraction, samples, seed, True), False)  # type: ignore[arg-type]

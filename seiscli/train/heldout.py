@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,16 +78,22 @@ def read_crops(dataset: CropDataset, specs: list[CropSpec], labels: bool) -> Cro
     return Crops(data, lab, specs)
 
 
+def eval_dataset(recipe: Recipe, volumes: list[Any]) -> CropDataset:
+    """Crops as eval reads them: unflipped, normalised like training, one at a time, seeded by eval.seed."""
+    data = recipe.data
+    return CropDataset(
+        volumes, crop=tuple(data.crop), micro_batch=1, seed=recipe.eval.seed, dp_rank=0, flips=False,  # type: ignore[arg-type]
+        min_live_fraction=0.0, normalization=data.normalization, clip=data.clip,
+    )  # fmt: skip
+
+
 def heldout_crops(recipe: Recipe) -> torch.Tensor:
     """The recipe's eval.samples held-out crops, normalised (n, 1, cz, cy, cx): what periodic eval scores."""
     from seiscli.train.data import _volumes
 
     data = recipe.data
     volumes = _volumes(recipe)
-    dataset = CropDataset(
-        volumes, crop=tuple(data.crop), micro_batch=1, seed=recipe.eval.seed, dp_rank=0, flips=False,  # type: ignore[arg-type]
-        min_live_fraction=0.0, normalization=data.normalization, clip=data.clip,
-    )  # fmt: skip
+    dataset = eval_dataset(recipe, volumes)
     specs = draw_specs(volumes, tuple(data.crop), data.holdout_fraction, recipe.eval.samples, recipe.eval.seed, True)  # type: ignore[arg-type]
     return read_crops(dataset, specs, labels=False).data
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 
 from seiscli.recipe import STRATEGIES, Recipe, RecipeError, load_recipe, parse_set
+
+if TYPE_CHECKING:
+    from seiscli.launcher.runs import Run
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -27,6 +30,19 @@ BAD_INPUT = 2  # exit code for anything the user can fix in their command or rec
 def fail(message: str, code: int = BAD_INPUT) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+RunRef = Annotated[str, typer.Argument(help="A run (name, <name>/<timestamp>, job id or path).")]
+
+
+def run_or_fail(ref: str, runs_dir: Path | None) -> Run:
+    """The recorded run RUN names (name, name/timestamp, job id or path), or the one-line error, exit 2."""
+    from seiscli.launcher.runs import find_run
+
+    try:
+        return find_run(ref, runs_dir)
+    except LookupError as e:
+        fail(str(e))
 
 
 # -- recipe overrides shared by launch / render -------------------------------------------------

@@ -16,6 +16,7 @@ from seiscli.launcher.cli.common import (
     app,
     fail,
     out,
+    run_or_fail,
 )
 
 
@@ -133,7 +134,6 @@ def _eks_logs(ref: str, runs_dir: Path | None, **kw: Any) -> bool:
 
 def _scan_logs(ref: str, runs_dir: Path | None, *, errors: bool, grep: str | None, as_json: bool, follow: bool) -> int:
     from seiscli.launcher.errors_view import print_errors, print_grep
-    from seiscli.launcher.runs import find_run
 
     if errors and grep is not None:
         fail("--errors and --grep: give one of them")
@@ -146,10 +146,7 @@ def _scan_logs(ref: str, runs_dir: Path | None, *, errors: bool, grep: str | Non
             re.compile(grep)
         except re.error as e:
             fail(f"--grep {grep!r}: not a regular expression ({e})")
-    try:
-        run = find_run(ref, runs_dir)
-    except LookupError as e:
-        fail(str(e))
+    run = run_or_fail(ref, runs_dir)
     try:
         if errors:
             return print_errors(run, sys.stdout, as_json=as_json)

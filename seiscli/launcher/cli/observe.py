@@ -9,9 +9,7 @@ from typing import Annotated
 
 import typer
 
-from seiscli.launcher.cli.common import RunsDir, app, fail, out
-
-RunRef = Annotated[str, typer.Argument(help="A run (name, <name>/<timestamp>, job id or path).")]
+from seiscli.launcher.cli.common import RunRef, RunsDir, app, fail, out, run_or_fail
 
 
 @app.command()
@@ -24,16 +22,12 @@ def top(
 ) -> None:
     """Live view of a running job: step, loss, samples/s, MFU, data wait, per-node step time, stragglers,
     checkpoint age. Ends when the job does (exit 0 if it COMPLETED)."""
-    from seiscli.launcher.runs import find_run
 
     if as_json and not once:
         fail("--json: only with --once")
     if interval <= 0:
         fail(f"--interval {interval}: must be > 0 seconds")
-    try:
-        run = find_run(ref, runs_dir)
-    except LookupError as e:
-        fail(str(e))
+    run = run_or_fail(ref, runs_dir)
     if as_json:
         from seiscli.launcher.jobs import current_statuses
         from seiscli.launcher.top import snapshot
@@ -57,12 +51,8 @@ def report(
     runs_dir: RunsDir = None,
 ) -> None:
     """A PNG of loss, throughput/MFU and data wait over steps (and eval, where logged), attempts marked."""
-    from seiscli.launcher.runs import find_run
 
-    try:
-        run = find_run(ref, runs_dir)
-    except LookupError as e:
-        fail(str(e))
+    run = run_or_fail(ref, runs_dir)
     if output is not None and output.suffix.lower() != ".png":
         fail(f"--output {output}: must end in .png")
     try:

@@ -9,10 +9,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from seiscli.launcher.cli.common import RunsDir, Sets, app, err, fail, out, print_script
+from seiscli.launcher.cli.common import RunRef, RunsDir, Sets, app, err, fail, out, print_script, run_or_fail
 from seiscli.recipe import RecipeError
-
-RunRef = Annotated[str, typer.Argument(help="A run (name, <name>/<timestamp>, job id or path).")]
 
 
 @app.command()
@@ -25,12 +23,8 @@ def show(
     """Provenance of a run (code commit and patch, image, versions and nodes as the job saw them) and its attempts."""
     from seiscli.launcher.runinfo import run_info
     from seiscli.launcher.runinfo import show as show_info
-    from seiscli.launcher.runs import find_run
 
-    try:
-        run = find_run(ref, runs_dir)
-    except LookupError as e:
-        fail(str(e))
+    run = run_or_fail(ref, runs_dir)
     from seiscli.launcher.jobs import SLURM_BACKENDS, current_statuses
 
     sub, _ = current_statuses([run])[run.path]  # the state, refreshed (one scheduler query)
