@@ -152,9 +152,9 @@ def test_exceptions_map_to_exit_codes() -> None:
 # -- real Slurm jobs ---------------------------------------------------------------------------------------
 
 
-def _launch(runs: Path, name: str, *args: str, fault: str | None = None) -> Run:
+def _launch(runs: Path, name: str, *args: str, fault: str | None = None, steps: str = STEPS) -> Run:
     env = {"SEIS_FAULT": fault} if fault else {}
-    out = seis("launch", "smoke", "--backend", "slurm", "--steps", STEPS, "--name", name, *args, runs=runs, env=env)
+    out = seis("launch", "smoke", "--backend", "slurm", "--steps", steps, "--name", name, *args, runs=runs, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     (path,) = runs.glob(f"{name}/*/submission.json")
     return Run(path.parent)
@@ -180,13 +180,15 @@ def test_retry_policy_by_exit_code_on_real_jobs(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     jobs: list[Run] = []
 
-    def launch(name: str, *args: str, fault: str | None = None) -> Run:
-        jobs.append(_launch(runs, name, *args, fault=fault))
+    def launch(name: str, *args: str, fault: str | None = None, steps: str = STEPS) -> Run:
+        jobs.append(_launch(runs, name, *args, fault=fault, steps=steps))
         return jobs[-1]
 
     try:
         comm = launch("f-comm", *_sets("checkpoint.interval=1", "cluster.max_retries=2"), fault="comm@2")
-        loader = launch("f-loader", *_sets("data.workers=1", "cluster.max_retries=0"), fault="loader@2")
+        # The loader keeps workers x prefetch batches in flight plus one being copied ahead: the killed worker
+        # is noticed only when a later batch is needed, so this run has steps beyond those.
+        loader = launch("f-loader", *_sets("data.workers=1", "cluster.max_retries=0"), fault="loader@2", steps="10")
         kill = launch("f-kill", *_sets("cluster.max_retries=0"), fault="kill@2")
         config = launch("f-config", *_sets("model.attention=cudnn"))  # a valid recipe the CPU trainer refuses
         # Slurm's USR1 warning 90 s before a two-minute limit (30 s in, after the imports even on a loaded machine):
