@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator as _DataIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +15,17 @@ import pytest
 # No test may reach the EC2 instance-metadata address: boto's credential chain stays on this machine.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 # ==== end common =================================================================================================
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> _DataIterator[Path]:
+    """One synthetic-volume cache per test module (the loader writes it on first use); SEIS_DATA_DIR is also
+    inherited by spawned ranks and subprocesses."""
+    d = tmp_path_factory.mktemp("seis-data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SEIS_DATA_DIR", str(d))
+        yield d
+
 
 # ==== slurm: the local Slurm cluster (owner: Slurm backend; brought up by scripts/local-slurm.sh) ==========
 # Tests marked `@pytest.mark.slurm` (optionally `slurm(nodes=2)`) run against the real cluster. When it is not
@@ -114,12 +127,16 @@ def s3_server() -> _S3Iterator[object]:
             server.stop()
 
 
+def _new_bucket(server: object) -> str:
+    """A fresh bucket on `server` (moto or SeaweedFS), as an s3:// URI prefix."""
+    name = f"seis-test-{os.getpid()}-{next(_s3_bucket_ids)}"
+    server.create_bucket(name)  # type: ignore[attr-defined]
+    return f"s3://{name}"
+
+
 @pytest.fixture
 def s3_bucket(s3_server: object) -> str:
-    """A fresh bucket, as an s3:// URI prefix."""
-    name = f"seis-test-{os.getpid()}-{next(_s3_bucket_ids)}"
-    s3_server.create_bucket(name)  # type: ignore[attr-defined]
-    return f"s3://{name}"
+    return _new_bucket(s3_server)
 
 
 # SeaweedFS (seiscli.data.seaweed): a real S3 server, one per test session, on free ports, with the same fake
@@ -144,10 +161,7 @@ def seaweed_s3() -> _S3Iterator[object]:
 
 @pytest.fixture
 def seaweed_bucket(seaweed_s3: object) -> str:
-    """A fresh SeaweedFS bucket, as an s3:// URI prefix."""
-    name = f"seis-test-{os.getpid()}-{next(_s3_bucket_ids)}"
-    seaweed_s3.create_bucket(name)  # type: ignore[attr-defined]
-    return f"s3://{name}"
+    return _new_bucket(seaweed_s3)
 
 
 # ==== end s3 ===================================================================================================

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing as mp
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,6 @@ DEVICES = [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    d = tmp_path_factory.mktemp("seis-data")
-    with pytest.MonkeyPatch.context() as mp_:
-        mp_.setenv("SEIS_DATA_DIR", str(d))
-        yield d
 
 
 def make_recipe(**data: Any) -> Recipe:

@@ -34,19 +34,6 @@ from tests.distributed import run_distributed
 from tests.test_train_entry import TINY
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One synthetic-volume cache for the module (the loader writes it on first use)."""
-    path = tmp_path_factory.mktemp("data")
-    old = os.environ.get("SEIS_DATA_DIR")
-    os.environ["SEIS_DATA_DIR"] = str(path)  # also inherited by spawned ranks and subprocesses
-    yield path
-    if old is None:
-        os.environ.pop("SEIS_DATA_DIR", None)
-    else:
-        os.environ["SEIS_DATA_DIR"] = old
-
-
 def tiny(world_size: int = 1, **over: Any) -> Recipe:
     return load_recipe(
         "smoke",

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +29,6 @@ CROP = (16, 16, 32)
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    d = tmp_path_factory.mktemp("seis-data")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SEIS_DATA_DIR", str(d))
-        yield d
 
 
 def make_recipe(data: dict[str, Any] | None = None, *, micro_batch: int = 2, seed: int = 0) -> Recipe:

@@ -11,7 +11,9 @@ accurate to 1/8 sample.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -200,13 +202,11 @@ def fault_slab(model: SynthModel, z0: int, z1: int) -> np.ndarray:
 
 def fault_labels(shape: Shape3, seed: int = 0) -> np.ndarray:
     """The fault-zone mask of `synthetic_volume(shape, seed)`, uint8 (inline, crossline, time)."""
-    model = build_model(shape, seed)
-    out = np.empty(model.shape, dtype=np.uint8)
-    step = slab_rows(model.shape)
-    for z0 in range(0, model.shape[0], step):
-        z1 = min(model.shape[0], z0 + step)
-        out[z0:z1] = fault_slab(model, z0, z1)
-    return out
+
+    def fill(model: Any, z0: int, z1: int, out: np.ndarray) -> None:
+        out[...] = fault_slab(model, z0, z1)
+
+    return _by_slabs(build_model(shape, seed), np.uint8, fill)
 
 
 def slab_rows(shape: Shape3) -> int:
@@ -215,10 +215,18 @@ def slab_rows(shape: Shape3) -> int:
 
 def synthetic_volume(shape: Shape3, seed: int = 0) -> np.ndarray:
     """The whole volume as float32 (inline, crossline, time)."""
-    model = build_model(shape, seed)
-    out = np.empty(model.shape, dtype=np.float32)
+
+    def fill(model: Any, z0: int, z1: int, out: np.ndarray) -> None:
+        render_slab(model, z0, z1, out=out)
+
+    return _by_slabs(build_model(shape, seed), np.float32, fill)
+
+
+def _by_slabs(model: Any, dtype: Any, fill: Callable[[Any, int, int, np.ndarray], None]) -> np.ndarray:
+    """The whole volume of `model`, filled slab by slab along inlines (bounded working memory)."""
+    out = np.empty(model.shape, dtype=dtype)
     step = slab_rows(model.shape)
     for z0 in range(0, model.shape[0], step):
         z1 = min(model.shape[0], z0 + step)
-        render_slab(model, z0, z1, out=out[z0:z1])
+        fill(model, z0, z1, out[z0:z1])
     return out

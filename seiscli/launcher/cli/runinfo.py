@@ -57,9 +57,7 @@ def rerun(
     try:
         recipe, source = rerun_source(ref, runs_dir, overrides(sets=set_))
         plan = plan_launch(recipe, runs_dir, rerun=source)
-    except LookupError as e:
-        fail(str(e))
-    except RecipeError as e:
+    except (LookupError, RecipeError) as e:
         fail(str(e))
     for note in plan.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
