@@ -21,6 +21,7 @@ from seiscli.launcher.provenance import git_state, write_launch_provenance
 from seiscli.launcher.runs import Run
 from seiscli.recipe import PROJECT_ROOT, load_recipe
 from seiscli.run_layout import EXIT_COMM, EXIT_FAILED, EXIT_LOADER, append_event, read_attempts, retry_reason
+from seiscli.train.provenance import classify_exit
 from tests.test_slurm import seis, status_json, wait_for
 
 STEPS = "4"
@@ -130,8 +131,6 @@ def test_exceptions_map_to_exit_codes() -> None:
     import torch.distributed as dist
     from torch.utils.data import DataLoader
 
-    from seiscli.train.provenance import classify_exit
-
     assert classify_exit(dist.DistNetworkError("peer gone")) == EXIT_COMM
     assert classify_exit(RuntimeError("[gloo/pair.cc:537] Read error: Connection reset by peer")) == EXIT_COMM
     assert classify_exit(ValueError("model.foo")) == EXIT_FAILED
@@ -151,6 +150,45 @@ def test_exceptions_map_to_exit_codes() -> None:
     assert classify_exit(_failure(kill_worker)) == EXIT_LOADER
     # An exception raised inside a worker (bad data) is not a killed worker: a restart would meet it again.
     assert classify_exit(_failure(lambda: next(iter(DataLoader(_Bad(), num_workers=1))))) == EXIT_FAILED
+
+
+def test_a_killed_worker_of_the_trainers_loader_surfaces_at_the_next_batch_only(data_dir: Path) -> None:
+    """The trainer's loader workers are forkserver children, not the trainer's: torch's SIGCHLD handler, which
+    raises about a dead fork-started worker at whatever line runs next (also inside the failure reporting),
+    never fires in the trainer. The death surfaces where the trainer asks for a batch, and maps to EXIT_LOADER."""
+    import torch
+
+    from seiscli.recipe import validate
+    from seiscli.train.data import build_loader
+
+    data = {"source": "synthetic", "synth_shape": [40, 40, 48], "crop": [16, 16, 32], "workers": 2, "prefetch": 1}
+    recipe = validate({"name": "t", "model": {"patch_size": 8}, "data": data, "train": {"micro_batch": 2}})
+    loader = build_loader(recipe, dp_rank=0, dp_size=1, device=torch.device("cpu"))
+    try:
+        batches = iter(loader)
+        next(batches)
+        workers = loader._workers_iter._workers  # type: ignore[union-attr]
+        assert all(w.pid not in _children() for w in workers)  # what keeps SIGCHLD away from the trainer
+        os.kill(workers[0].pid, signal.SIGKILL)  # as the OOM killer does
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # other work while the death is known: nothing is raised here
+            sum(range(1000))
+        failure = _failure(lambda: [next(batches) for _ in range(100)])
+        assert classify_exit(failure) == EXIT_LOADER, failure
+    finally:
+        loader.close()
+
+
+def _children() -> set[int]:
+    me = os.getpid()
+    return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == me}
+
+
+def _ppid(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 # -- real Slurm jobs ---------------------------------------------------------------------------------------
