@@ -109,6 +109,21 @@ def random_batches(recipe: Recipe, device: torch.device) -> Iterator[torch.Tenso
         yield host.to(device, non_blocking=True)
 
 
+def cuda_median_s(fn: Any, reps: int = 10) -> float:
+    """Median seconds of `fn` over `reps` runs after one warm-up run, CUDA events around each run."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
 def _sdpa_fwd_bwd(backend: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> None:
     from torch.nn.attention import sdpa_kernel
 
@@ -120,21 +135,9 @@ def ceilings(device: torch.device) -> dict[str, float]:
     """TFLOP/s of a bf16 8192^3 matmul and of SDPA forward + backward at this model's attention shapes
     (counted as 3 x forward, the MFU convention), on random data, median of CUDA-event timings."""
 
-    def timed(fn: Any, reps: int = 10) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        return statistics.median(times)
-
     out: dict[str, float] = {}
     x, y = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
-    out["matmul_8192"] = 2 * 8192**3 / timed(lambda: x @ y) / 1e12
+    out["matmul_8192"] = 2 * 8192**3 / cuda_median_s(lambda: x @ y) / 1e12
     from torch.nn.attention import SDPBackend
 
     shapes = [("enc", 16, 25_601, 64), ("dec", 8, 102_400, 64), ("enc_hd128", 8, 25_601, 128)]
@@ -145,7 +148,7 @@ def ceilings(device: torch.device) -> dict[str, float]:
         for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
             key = f"sdpa_{name}_{backend.name.split('_')[0].lower()}"
             try:
-                t = timed(functools.partial(_sdpa_fwd_bwd, backend, q, k, v, g), 5)
+                t = cuda_median_s(functools.partial(_sdpa_fwd_bwd, backend, q, k, v, g), 5)
                 out[key] = 3 * 4 * seq * seq * heads * hd / t / 1e12
             except RuntimeError as e:
                 out[key] = float("nan")

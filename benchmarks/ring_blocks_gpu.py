@@ -21,6 +21,7 @@ import math
 import time
 
 import torch
+from bench_gpu import cuda_median_s  # this script's directory is on sys.path when run as a script
 
 from seiscli.train.parallel.ring_attention import _block_backward, _block_forward, _merge
 
@@ -28,21 +29,6 @@ SHAPES = {  # name: (heads, local tokens per rank at cp=8, head dim)
     "encoder": (8, 36_864, 128),
     "decoder": (4, 147_456, 128),
 }
-
-
-def timed(fn, reps: int) -> float:
-    """Median seconds of `fn` over `reps` runs, CUDA events around each."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def ring_pass(backend: str, q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor], dout: torch.Tensor):
@@ -96,12 +82,12 @@ def main() -> None:
         # One rank's attention FLOPs per pass: QK^T and PV, 2 multiply-adds each -> 4*H*Sq*Sk*D; backward 2.5x.
         fwd_flops = 4 * heads * s_local * (args.cp * s_local) * d
         for backend in args.backends:
-            t_fwd = timed(lambda: forward_only(backend, q, ks, vs), args.reps)  # noqa: B023
-            t_all = timed(lambda: ring_pass(backend, q, ks, vs, dout), args.reps)  # noqa: B023
+            t_fwd = cuda_median_s(lambda: forward_only(backend, q, ks, vs), args.reps)  # noqa: B023
+            t_all = cuda_median_s(lambda: ring_pass(backend, q, ks, vs, dout), args.reps)  # noqa: B023
             one = torch.nn.attention.SDPBackend.CUDNN_ATTENTION if backend == "cudnn" else None
             one = one or torch.nn.attention.SDPBackend.FLASH_ATTENTION
             with torch.nn.attention.sdpa_kernel(one):
-                t_one = timed(
+                t_one = cuda_median_s(
                     lambda: torch.nn.functional.scaled_dot_product_attention(q, k_all, v_all),  # noqa: B023
                     args.reps,
                 )
