@@ -77,7 +77,7 @@ lock: install
 	mkdir -p build && echo torch > build/lock-excludes.txt
 	$(PY) -m uv pip compile pyproject.toml --extra train --extra dev --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 --excludes build/lock-excludes.txt -o locks/dev.txt
-	$(PY) -m uv pip compile pyproject.toml --extra train --universal --python-version 3.11 \
+	$(PY) -m uv pip compile pyproject.toml --extra train --extra viewers --universal --python-version 3.11 \
 	  --excludes build/lock-excludes.txt -c locks/dev.txt -o locks/train.txt
 
 clean:

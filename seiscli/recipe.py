@@ -297,7 +297,7 @@ class Wandb(_Section):
 
 
 class Mlflow(_Section):
-    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else file:<run dir>/mlruns
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else a file store in <run dir>/mlruns
     experiment: str = "seis"
 
 
@@ -306,8 +306,8 @@ class Logging(_Section):
     # Extra viewers, written by rank 0 beside metrics.jsonl (which stays what seis itself reads).
     # tensorboard: None = where the package is installed, true = required (exit 2 without it), false = off.
     tensorboard: bool | None = None
-    wandb: Wandb | None = None  # set to log to Weights & Biases (the job's environment needs `wandb`)
-    mlflow: Mlflow | None = None  # set to log to MLflow (the job's environment needs `mlflow`)
+    wandb: Wandb | None = None  # set to log to Weights & Biases (the `viewers` extra on the nodes)
+    mlflow: Mlflow | None = None  # set to log to MLflow (the `viewers` extra on the nodes)
 
 
 class Eval(_Section):

@@ -212,7 +212,7 @@ class Trainer:
             drop_steps_after(self.run_dir, start_step)  # steps past the checkpoint are done again
         log = MetricsLog(self.run_dir if env.is_main else None, skip=excluded_warmup_steps(steps - start_step))
         ranks = RankTimes(self.run_dir, env, self.recipe.logging.interval)
-        run_id = f"{self.run_dir.parent.name}/{self.run_dir.name}"
+        run_id = "/".join(self.run_dir.resolve().parts[-2:])  # <recipe or name>/<run>
         viewers = Viewers(self.recipe, self.run_dir, is_main=env.is_main, start_step=start_step, run_id=run_id)
         stopped: int | None = None
         requeued = False
@@ -274,9 +274,9 @@ class Trainer:
             )
             log.close()
             ranks.close()
-            viewers.close()
             if env.is_main:
                 write_summary(self.run_dir, summary)
+            viewers.close(status)  # last: a tracking server that is slow to take the end must not delay the above
         return RunResult(steps=log.steps, signal=stopped, summary=summary, requeued=requeued)
 
     def _requeue(self) -> bool:

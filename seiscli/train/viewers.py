@@ -8,10 +8,15 @@ error (exit 2) at start, before any rank has done work.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
+import queue
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from seiscli.recipe import Recipe
 from seiscli.train.errors import LaunchError
@@ -58,12 +63,14 @@ def check_viewers(recipe: Recipe) -> None:
 
 
 class Viewers:
-    """Opened on every rank; writes only on rank 0."""
+    """Opened on every rank; writes only on rank 0. A requeued or resumed attempt continues the same W&B run
+    (its id) and the same MLflow run (its `seis.run_id` tag); in both, the steps an earlier attempt logged past
+    the checkpoint stay (W&B ignores a step below its last one; MLflow keeps both values of such a step)."""
 
     def __init__(self, recipe: Recipe, run_dir: Path, *, is_main: bool, start_step: int, run_id: str) -> None:
         self._tb: Any = None
         self._wandb: Any = None
-        self._mlflow: Any = None
+        self._mlflow: _Mlflow | None = None
         if not is_main:
             return
         log = recipe.logging
@@ -73,26 +80,11 @@ class Viewers:
             # purge_step: a resumed run drops the events past its checkpoint, as metrics.jsonl does.
             self._tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None)
         config = recipe.model_dump(mode="json")
-        if log.wandb is not None:
-            import wandb
-
-            self._wandb = wandb.init(
-                project=log.wandb.project,
-                entity=log.wandb.entity,
-                name=run_id,
-                id=run_id.replace("/", "-"),
-                resume="allow",  # a requeued attempt continues the same W&B run
-                dir=str(run_dir),
-                mode=log.wandb.mode,
-                config=config,
-            )
-        if log.mlflow is not None:
-            import mlflow
-
-            mlflow.set_tracking_uri(log.mlflow.tracking_uri or _default_mlflow_uri(run_dir))
-            mlflow.set_experiment(log.mlflow.experiment)
-            self._mlflow = mlflow.start_run(run_name=run_id)
-            mlflow.log_params({k: v for k, v in _flat(config).items() if v is not None})
+        wandb_cfg, mlflow_cfg = log.wandb, log.mlflow
+        if wandb_cfg is not None:
+            self._wandb = self._safely("wandb", lambda: _start_wandb(wandb_cfg, run_dir, run_id, config))
+        if mlflow_cfg is not None:
+            self._mlflow = self._safely("mlflow", lambda: _Mlflow(mlflow_cfg, run_dir, run_id, config))
 
     def log(self, record: dict[str, Any]) -> None:
         step = record["step"]
@@ -100,38 +92,128 @@ class Viewers:
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, step, walltime=record.get("time"))
-        self._safely("wandb", lambda: self._wandb.log(scalars, step=step) if self._wandb else None)
+        if self._wandb is not None:
+            self._safely("wandb", lambda: self._wandb.log(scalars, step=step))
         if self._mlflow is not None:
-            import mlflow
+            mlflow = self._mlflow
+            self._safely("mlflow", lambda: mlflow.log(scalars, step, record.get("time")))
 
-            names = {k.replace("/", "."): v for k, v in scalars.items()}
-            self._safely("mlflow", lambda: mlflow.log_metrics(names, step=step))
-
-    def _safely(self, name: str, call: Any) -> None:
+    def _safely(self, name: str, call: Any) -> Any:
+        """call(), or, when it raises, one warning and that viewer switched off (None)."""
         try:
-            call()
-        except Exception as e:  # a viewer's server being down must not end a training run
+            return call()
+        except Exception as e:  # a viewer's server being down must not end (or stop the start of) a training run
             print(f"warning: {name} logging failed, switched off: {type(e).__name__}: {e}", file=sys.stderr)
             setattr(self, f"_{name}", None)
+            return None
 
-    def close(self) -> None:
+    def close(self, status: str = "completed") -> None:
+        """status: the summary's ("completed", "stopped" for a signal or requeue, "failed")."""
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
-        if self._mlflow is not None:
-            import mlflow
-
-            mlflow.end_run()
-            self._mlflow = None
+        wandb_run, self._wandb = self._wandb, None
+        if wandb_run is not None:
+            self._safely("wandb", lambda: wandb_run.finish(exit_code=1 if status == "failed" else 0))
+        mlflow, self._mlflow = self._mlflow, None
+        if mlflow is not None:
+            self._safely("mlflow", lambda: mlflow.end(status))
 
 
-def _default_mlflow_uri(run_dir: Path) -> str:
-    import os
+def _start_wandb(cfg: Any, run_dir: Path, run_id: str, config: dict[str, Any]) -> Any:
+    import wandb
 
-    return os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
+    return wandb.init(
+        project=cfg.project,
+        entity=cfg.entity,
+        name=run_id,
+        id=run_id.replace("/", "-"),
+        resume="allow",  # a requeued attempt continues the same W&B run
+        dir=str(run_dir),
+        mode=cfg.mode,
+        config=config,
+    )
+
+
+# MLflow run status for the summary's status: a stopped (requeued) run is set running again by its next attempt.
+_MLFLOW_STATUS = {"completed": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
+RUN_ID_TAG = "seis.run_id"
+
+
+class _Mlflow:
+    """One MLflow run per seis run, through MlflowClient (no process-global active run). Metrics go out from a
+    thread of their own: rank 0 waiting on a tracking server every step would make it every step's straggler.
+    A server that fails switches MLflow off with one warning; closing waits at most CLOSE_TIMEOUT_S."""
+
+    CLOSE_TIMEOUT_S = 30.0
+    # MLflow retries a failing request for minutes by default (7 retries, backoff 2): at start that holds every
+    # rank; these bound it unless the job's environment says otherwise.
+    HTTP_DEFAULTS: ClassVar[dict[str, str]] = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    }
+
+    def __init__(self, cfg: Any, run_dir: Path, run_id: str, config: dict[str, Any]) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+
+        for key, value in self.HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            # The default: a file store in the run directory (`mlflow ui --backend-store-uri <run dir>/mlruns`).
+            # MLflow 3 keeps file stores in maintenance mode and refuses them unless this is set.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            uri = (run_dir / "mlruns").resolve().as_uri()
+        self.client = client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment)
+        earlier = client.search_runs([experiment_id], f"tags.`{RUN_ID_TAG}` = '{run_id}'", max_results=1)
+        if earlier:
+            run = earlier[0]
+            client.update_run(run.info.run_id, status="RUNNING")
+        else:
+            run = client.create_run(experiment_id, run_name=run_id, tags={RUN_ID_TAG: run_id})
+        self.run_id = run.info.run_id
+        # A param cannot change its value in MLflow: an attempt logs only the fields an earlier one did not.
+        logged = run.data.params
+        params = [Param(k, str(v)) for k, v in _flat(config).items() if v is not None and k not in logged]
+        client.log_batch(self.run_id, params=params)
+        self.failed: str | None = None
+        self._queue: queue.Queue[list[Any] | None] = queue.Queue(maxsize=10_000)
+        self._sender = threading.Thread(target=self._send, name="seis-mlflow", daemon=True)
+        self._sender.start()
+
+    def log(self, scalars: dict[str, float], step: int, when: float | None) -> None:
+        from mlflow.entities import Metric
+
+        if self.failed:
+            raise RuntimeError(self.failed)  # the sender's error, reported (once) by the caller
+        ms = int((when if when is not None else time.time()) * 1000)
+        try:
+            self._queue.put_nowait([Metric(k.replace("/", "."), v, ms, step) for k, v in scalars.items()])
+        except queue.Full:
+            behind = f"{self._queue.maxsize} steps not yet sent"
+            raise RuntimeError(f"{behind}: the tracking server does not keep up") from None
+
+    def _send(self) -> None:
+        while (metrics := self._queue.get()) is not None:
+            try:
+                self.client.log_batch(self.run_id, metrics=metrics)
+            except Exception as e:
+                self.failed = f"{type(e).__name__}: {e}"
+                return
+
+    def end(self, status: str) -> None:
+        deadline = time.monotonic() + self.CLOSE_TIMEOUT_S
+        with contextlib.suppress(queue.Full):  # a full queue: the sender is stuck, and the join below says so
+            self._queue.put(None, timeout=self.CLOSE_TIMEOUT_S)
+        self._sender.join(max(0.0, deadline - time.monotonic()))
+        if self._sender.is_alive():
+            raise TimeoutError(f"metrics not all sent within {self.CLOSE_TIMEOUT_S:.0f} s; the run is left as it is")
+        if self.failed:
+            raise RuntimeError(self.failed)
+        self.client.set_terminated(self.run_id, status=_MLFLOW_STATUS[status])
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
