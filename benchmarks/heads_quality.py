@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--probe-crops", type=int, default=16)
+    ap.add_argument("--probe-steps", type=int, default=100)  # QUALITY.md's figures of 2026-12-02 used 16 / 100
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,8 @@ def main() -> None:
             train_s = time.perf_counter() - t0
             summary = json.loads((run_dir / "summary.json").read_text())
             run([sys.executable, "-m", "seiscli.train.eval", "--run-dir", str(run_dir), "--json", "--device",
-                 args.device, "--probe-crops", str(args.probe_crops), "--out", str(run_dir / "eval")],
+                 args.device, "--probe-crops", str(args.probe_crops), "--probe-steps", str(args.probe_steps),
+                 "--out", str(run_dir / "eval")],
                 args.work / f"{recipe.name}.eval.log")  # fmt: skip
             ev = json.loads((run_dir / "eval" / "eval.json").read_text())
             row = {

@@ -104,6 +104,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     path, manifest = find_checkpoint(args.run_dir, args.checkpoint)
     device_kind = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     recipe = single_process_recipe(manifest, device_kind, args.data or [])
+    if args.seed is not None:  # another draw of crops, masks and random encoder: how much of a number is noise
+        recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"seed": args.seed})})
     device = choose_device(recipe, 0)
     torch.manual_seed(recipe.eval.seed)
     fraction = recipe.data.holdout_fraction
@@ -120,6 +122,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     dataset = heldout.eval_dataset(recipe, volumes)
     crop, seed = tuple(data.crop), recipe.eval.seed
     samples = args.samples or recipe.eval.samples
+    probe_crops = recipe.eval.probe_crops if args.probe_crops is None else args.probe_crops
+    probe_steps = args.probe_steps or recipe.eval.probe_steps
     held = heldout.read_crops(dataset, heldout.draw_specs(volumes, crop, fraction, samples, seed, True), False)  # type: ignore[arg-type]
     rec = heldout.reconstruct(model, held.data, plan_for(recipe), seed)
     result: dict[str, Any] = {
@@ -141,27 +145,31 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         title = f"{path.name}: held-out crop 0, masked-patch loss {rec.loss:.3f}, PSNR {rec.psnr_db:.1f} dB (all crops)"
         png = reconstruction_png(out_dir / "reconstruction.png", held.data[0, 0], rec.mask[0], rec.volume[0], title)
         pictures.append(str(png))
-    if args.probe_crops:
-        train = heldout.read_crops(
-            dataset, heldout.draw_specs(volumes, crop, fraction, args.probe_crops, seed, False), True
-        )  # type: ignore[arg-type]
-        test = heldout.read_crops(
-            dataset, heldout.draw_specs(volumes, crop, fraction, args.probe_crops, seed, True), True
-        )  # type: ignore[arg-type]
+    if probe_crops:
+        train = heldout.read_crops(dataset, heldout.draw_specs(volumes, crop, fraction, probe_crops, seed, False), True)  # type: ignore[arg-type]
+        test = heldout.read_crops(dataset, heldout.draw_specs(volumes, crop, fraction, probe_crops, seed, True), True)  # type: ignore[arg-type]
         if train.labels is None or test.labels is None:
             result["probe"] = None
             print(f"{PROG}: note: no fault_mask in the volumes; the fault probe is skipped", file=sys.stderr)
         else:
-            kw = {"steps": args.probe_steps, "seed": seed}
-            mine = probe.run_probe(model, train.data, train.labels, test.data, test.labels, **kw)  # type: ignore[arg-type]
             floor_model = build_model(recipe, device).eval()  # the same architecture at its initialisation
-            floor = probe.run_probe(floor_model, train.data, train.labels, test.data, test.labels, **kw)  # type: ignore[arg-type]
+            runs = {
+                "trained": lambda c: probe.token_features(model, c),
+                "random_encoder": lambda c: probe.token_features(floor_model, c),
+                "raw_voxels": lambda c: probe.voxel_features(c, recipe.model.patch_size),
+            }
+            kw = {"steps": probe_steps, "seed": seed}
+            got = {
+                k: probe.run_probe(f, train.data, train.labels, test.data, test.labels, **kw) for k, f in runs.items()
+            }
+            mine, floor, raw = got["trained"], got["random_encoder"], got["raw_voxels"]
             result["probe"] = {
-                "crops": args.probe_crops,
-                "steps": args.probe_steps,
+                "crops": probe_crops,
+                "steps": probe_steps,
                 "fault_fraction_test": float(test.labels.float().mean()),
                 "trained": {"iou": mine.iou, "f1": mine.f1, "threshold": mine.threshold, "train_f1": mine.train_f1},
                 "random_encoder": {"iou": floor.iou, "f1": floor.f1, "threshold": floor.threshold},
+                "raw_voxels": {"iou": raw.iou, "f1": raw.f1, "threshold": raw.threshold},
             }
             if not args.no_pictures:
                 title = f"{path.name}: fault probe IoU {mine.iou:.3f} (random encoder {floor.iou:.3f}), held-out crop 0"
@@ -195,8 +203,8 @@ def report(r: dict[str, Any]) -> str:
         t, f = p["trained"], p["random_encoder"]
         lines.append(
             f"fault probe on {p['crops']} held-out crops: IoU {t['iou']:.3f} F1 {t['f1']:.3f}; "
-            f"random-encoder floor IoU {f['iou']:.3f} F1 {f['f1']:.3f}; calling every voxel a fault would score "
-            f"IoU {p['fault_fraction_test']:.3f}"
+            f"random-encoder floor IoU {f['iou']:.3f} F1 {f['f1']:.3f}; raw voxels (no encoder) IoU "
+            f"{p['raw_voxels']['iou']:.3f}; calling every voxel a fault would score IoU {p['fault_fraction_test']:.3f}"
         )
     lines += [f"picture: {p}" for p in r["pictures"]]
     lines.append(f"results: {r['json']}")
@@ -212,10 +220,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, help="where eval.json and the PNGs go; default RUN/eval/step-N")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--samples", type=int, help="held-out crops for reconstruction; default eval.samples")
-    ap.add_argument(
-        "--probe-crops", type=int, default=8, help="crops to fit the probe on, and to test it on (0: no probe)"
-    )
-    ap.add_argument("--probe-steps", type=int, default=100, help="Adam steps of the probe")
+    ap.add_argument("--seed", type=int, help="draws the crops, masks and random encoder; default eval.seed")
+    ap.add_argument("--probe-crops", type=int, help="crops to fit the probe on, and to test it on (0: no probe)")
+    ap.add_argument("--probe-steps", type=int, help="Adam steps of the probe")
     ap.add_argument("--no-pictures", action="store_true")
     return ap
 

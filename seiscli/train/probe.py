@@ -5,11 +5,13 @@ upsampled trilinearly to voxels. Both are linear and the interpolation weights s
 computed at token resolution and upsampled: the same probe at a fraction of the cost. It is trained with
 class-balanced BCE (full batch, Adam, fixed steps) on crops of the training inlines; its threshold is the one
 with the best F1 there; IoU and F1 are then measured on the held-out crops. The same probe on a randomly
-initialised encoder is the floor: a number worth reading is the gap to it.
+initialised encoder is the floor: a number worth reading is the gap to it. The same probe on each patch's raw
+voxels (no encoder at all) says how much of the labels a linear read of the amplitudes already gives.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,13 @@ def token_features(model: MaskedAutoencoder3D, crops: torch.Tensor, batch: int =
         f = model.features(patchify(x, p).to(device)).float().cpu()
         out.append(f.transpose(1, 2).reshape(x.shape[0], -1, *model.grid))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def voxel_features(crops: torch.Tensor, patch: int) -> torch.Tensor:
+    """Each patch's raw voxels as its features, (n, C*p^3, gz, gy, gx): the probe's input with no encoder."""
+    grid = [s // patch for s in crops.shape[2:]]
+    return patchify(crops, patch).float().transpose(1, 2).reshape(crops.shape[0], -1, *grid)
 
 
 @dataclass(frozen=True)
@@ -92,7 +101,7 @@ def _best_threshold(prob: torch.Tensor, labels: torch.Tensor) -> tuple[float, fl
 
 
 def run_probe(
-    model: MaskedAutoencoder3D,
+    features: Callable[[torch.Tensor], torch.Tensor],
     train_crops: torch.Tensor,
     train_labels: torch.Tensor,
     test_crops: torch.Tensor,
@@ -102,9 +111,10 @@ def run_probe(
     lr: float = 0.05,
     seed: int = 0,
 ) -> ProbeResult:
-    """Fit the probe on the training crops' frozen features; score it on the held-out crops."""
+    """Fit the probe on the training crops' features (token_features of a frozen encoder, or voxel_features);
+    score it on the held-out crops."""
     size = tuple(train_crops.shape[2:])
-    train_f, test_f = token_features(model, train_crops), token_features(model, test_crops)
+    train_f, test_f = features(train_crops), features(test_crops)
     probe = LinearProbe(train_f.shape[1], seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -43,10 +43,18 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda (one GPU).")] = "auto",
     samples: Annotated[int | None, typer.Option("--samples", help="Held-out crops; default eval.samples.")] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Draws crops, masks and the random encoder [eval.seed].")
+    ] = None,
     probe_crops: Annotated[
-        int, typer.Option("--probe-crops", help="Crops to fit the fault probe on and to test it on; 0 skips it.")
-    ] = 8,
-    probe_steps: Annotated[int, typer.Option("--probe-steps", help="Adam steps fitting the probe.")] = 100,
+        int | None,
+        typer.Option(
+            "--probe-crops", help="Crops to fit the fault probe on and to test it on; 0 skips it [eval.probe_crops]."
+        ),
+    ] = None,
+    probe_steps: Annotated[
+        int | None, typer.Option("--probe-steps", help="Adam steps fitting the probe [eval.probe_steps].")
+    ] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Where eval.json and PNGs go [RUN/eval/step-N].")
     ] = None,
@@ -59,18 +67,23 @@ def eval_(
         fail(f"--device {device!r}: allowed auto, cpu, cuda")
     if samples is not None and samples < 1:
         fail(f"--samples {samples}: allowed an integer >= 1")
-    if probe_steps < 1:
+    if probe_steps is not None and probe_steps < 1:
         fail(f"--probe-steps {probe_steps}: allowed an integer >= 1")
-    if probe_crops < 0:
+    if probe_crops is not None and probe_crops < 0:
         fail(f"--probe-crops {probe_crops}: allowed an integer >= 0 (0 skips the probe)")
     cmd = [sys.executable, "-m", EVAL_MODULE, "--run-dir", str(run_dir_of(run, runs_dir)), "--device", device]
-    cmd += ["--probe-crops", str(probe_crops), "--probe-steps", str(probe_steps)]
+    if probe_crops is not None:
+        cmd += ["--probe-crops", str(probe_crops)]
+    if probe_steps is not None:
+        cmd += ["--probe-steps", str(probe_steps)]
     if checkpoint:
         cmd += ["--checkpoint", checkpoint]
     for uri in data or []:
         cmd += ["--data", uri]
     if samples is not None:
         cmd += ["--samples", str(samples)]
+    if seed is not None:
+        cmd += ["--seed", str(seed)]
     if out_dir is not None:
         cmd += ["--out", str(out_dir)]
     if as_json:
