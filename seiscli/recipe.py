@@ -209,6 +209,11 @@ class Data(_Section):
     )
     workers: int = Field(2, ge=0)
     prefetch: int = Field(2, ge=1)
+    lookahead: bool | None = Field(
+        None,
+        description="a thread copies the next batch to the device while the current step runs; unset = on for "
+        "CUDA with workers; false is the A/B switch for step-time spikes (issue 13)",
+    )
     concurrency: int = Field(32, ge=1, description="chunk GETs in flight per loader process (worker)")
     retries: int = Field(10, ge=1, le=100, description="tries per chunk GET, the first included, with backoff")
     max_volume_failures: int = Field(3, ge=1, description="failed crop reads in a row before a volume is dropped")

@@ -73,11 +73,13 @@ def host_batches(loader: CropLoader, n: int) -> list[torch.Tensor]:
     return [loader.dataset[p][0] for p in range(0, n * loader.micro_batch, loader.micro_batch)]
 
 
-@pytest.mark.parametrize(("workers", "lookahead"), [(0, False), (0, True), (2, True)])
+@pytest.mark.parametrize(("workers", "lookahead"), [(0, False), (0, True), (2, True), (2, False)])
 def test_loader_batches_equal_host_normalised_batches(data_dir: Path, workers: int, lookahead: bool) -> None:
     """Ring slots (2 * prefetch + 2 of them) are reused many times over: every batch must still be its own."""
-    loader = build_loader(make_recipe(workers=workers, prefetch=1, clip=2.0), dp_rank=0, dp_size=1, device=CPU)
-    loader.lookahead = lookahead
+    loader = build_loader(
+        make_recipe(workers=workers, prefetch=1, clip=2.0, lookahead=lookahead), dp_rank=0, dp_size=1, device=CPU
+    )
+    assert loader.lookahead is lookahead  # data.lookahead reaches the loader
     n = 3 * ring_slots(workers, 1) + 1
     got = list(itertools.islice(iter(loader), n))
     want = host_batches(build_loader(make_recipe(clip=2.0), dp_rank=0, dp_size=1, device=CPU), n)

@@ -819,4 +819,6 @@ def build_loader(
         align_crops=data.align_crops,
         holdout_fraction=data.holdout_fraction,
     )
-    return CropLoader(dataset, workers=data.workers, prefetch=data.prefetch, device=device, sync=sync)
+    return CropLoader(
+        dataset, workers=data.workers, prefetch=data.prefetch, device=device, sync=sync, lookahead=data.lookahead
+    )
