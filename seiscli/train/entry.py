@@ -33,7 +33,9 @@ def _error(msg: str) -> None:
     print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
 
 
-def train(recipe: Recipe, run_dir: Path, started: float, *, sweep: bool = False) -> int:
+def train(recipe: Recipe, run_dir: Path, started: float, *, sweep: bool = False, leave: bool = False) -> int:
+    """Run the recipe; the exit code. leave (the `python -m seiscli.train` program): end the process with that
+    code once the run is over and recorded, without returning (see the end)."""
     note_start()
     # torch is imported here, after the recipe was read, so a bad recipe fails in a fraction of a second.
     from seiscli.train import distributed
@@ -95,10 +97,11 @@ def train(recipe: Recipe, run_dir: Path, started: float, *, sweep: bool = False)
         if code != EXIT_OK:
             record_rank_exit(run_dir, code)
         distributed.teardown()
-    if sweep:
-        # A sweep size is done once its metrics and summary are written. Releasing this frame's engine and
-        # model after teardown sometimes blocked for minutes on 2 gloo nodes (faulthandler: main thread in
-        # C code at this function's return), which ran the size into its step limit; leave without it.
+    if leave:
+        # Everything the run writes is written and its exit recorded. Releasing this frame's engine and model
+        # after teardown sometimes blocked for minutes on 2 gloo nodes (faulthandler: main thread in C code at
+        # this function's return; seen in sweep sizes, which it ran into their step limit); a job's last rank
+        # blocked so would hold the whole allocation. Leave without releasing them.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -138,7 +141,8 @@ def start_loader(recipe: Recipe, env: Any, run_dir: Path, *, sweep: bool = False
     return loader, checkpoints
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, leave: bool = False) -> int:
+    """The trainer's command line; the exit code. leave: see train() (in-process callers, e.g. tests, return)."""
     started = time.perf_counter()
     catch_early_usr1()
     parser = argparse.ArgumentParser(prog=PROG, description="Train the recipe's 3D MAE (run once per process).")
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe)
-        return train(recipe, args.run_dir, started, sweep=args.sweep)  # records its own failures
+        return train(recipe, args.run_dir, started, sweep=args.sweep, leave=leave)  # records its own failures
     except Exception as e:  # before the process group exists: the recipe, the viewers, the rendezvous
         code = _failure_code(e)
         if args.run_dir.is_dir():
