@@ -205,6 +205,8 @@ class _Mlflow:
                 return
 
     def end(self, status: str) -> None:
+        if self.failed:  # the sender has stopped: nothing will take what is queued
+            raise RuntimeError(self.failed)
         deadline = time.monotonic() + self.CLOSE_TIMEOUT_S
         with contextlib.suppress(queue.Full):  # a full queue: the sender is stuck, and the join below says so
             self._queue.put(None, timeout=self.CLOSE_TIMEOUT_S)
