@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from seiscli.recipe import Recipe
+from seiscli.recipe import Recipe, flatten
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -35,6 +35,14 @@ LATEST = "latest"
 _STEP_DIR = re.compile(r"step-(\d+)")
 # Model fields that may differ between a checkpoint and the run resuming it: a kernel choice, not a shape.
 _MODEL_FREE = frozenset({"attention"})
+# Sections that decide what a run learns from and how. A resume may change them (raising train.steps is how a
+# run is lengthened), but the learning-rate schedule and the sample stream then follow the new values from the
+# resumed step on, so the change is said and recorded. Knobs that change speed, not what is trained, are left out.
+_TRAINING_SECTIONS = ("train", "optim", "data")
+_SPEED_ONLY = frozenset(
+    {"train.device", "train.threads", "data.workers", "data.prefetch", "data.lookahead", "data.concurrency"}
+    | {"data.retries", "data.s3_client", "data.endpoint_url", "data.region"}
+)
 
 
 def step_name(step: int) -> str:
@@ -68,6 +76,19 @@ def incompatibility(manifest: dict[str, Any], recipe: Recipe, *, reshardable: bo
             f"strategy {strategy!r} cannot reshard its checkpoint; resume with {manifest.get('world_size')} processes"
         )
     return None
+
+
+def recipe_changes(manifest: dict[str, Any], recipe: Recipe) -> list[str]:
+    """The training fields (`train.steps 1500 -> 3000`) in which `recipe` differs from the one that saved the
+    checkpoint of `manifest`; empty when they agree or the manifest holds no recipe."""
+    saved_recipe = manifest.get("recipe")
+    if not isinstance(saved_recipe, dict):
+        return []
+    mine_recipe = recipe.model_dump(mode="json")
+    saved = flatten({s: saved_recipe.get(s) or {} for s in _TRAINING_SECTIONS})
+    mine = flatten({s: mine_recipe[s] for s in _TRAINING_SECTIONS})
+    keys = sorted((saved.keys() | mine.keys()) - _SPEED_ONLY)
+    return [f"{k} {saved.get(k)!r} -> {mine.get(k)!r}" for k in keys if saved.get(k) != mine.get(k)]
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

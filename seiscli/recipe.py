@@ -482,6 +482,17 @@ def _section_model(model: type[BaseModel], key: str) -> type[BaseModel] | None:
     return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
 
 
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A recipe dict's leaves by dotted path (`train.steps`), the form overrides use."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set `a.b.c` in a recipe dict, refusing paths the schema does not have."""
     keys = dotted.split(".")

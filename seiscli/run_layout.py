@@ -9,6 +9,7 @@ Layout (beside recipe.yaml, submission.json, metrics.jsonl of seiscli/launcher/r
     {"event": "start", "attempt": 1, "job_id": "17", "restart_count": 0, "nodes": ["node1"],
      "host": "node1", "time": 1764680000.1, "source": "job"}          job script, before the training step
     {"event": "trainer", "attempt": 1, "job_id": "17", "first_step": 1, "resumed_from": null | "<ckpt dir>",
+     "recipe_changes": ["train.steps 1500 -> 3000", ...],
      "world_size": 4, "nodes": [...], "time": ...}                      trainer rank 0, after resuming
     {"event": "end", "attempt": 1, "job_id": "17", "time": ..., "exit_code": 3, "signal": null,
      "last_step": 40, "action": "requeue" | "requeued" | "done" | "stop" | "signalled", "retries": 1,
@@ -129,6 +130,7 @@ def read_events(run_dir: Path) -> list[dict[str, Any]]:
 def read_attempts(run_dir: Path) -> list[dict[str, Any]]:
     """One row per attempt, its start, trainer and end lines merged, in order. Keys: attempt, job_id,
     restart_count, nodes, start_time, end_time, exit_code, signal, first_step, last_step, resumed_from,
+    recipe_changes (training fields changed since that checkpoint, `train.steps 1500 -> 3000`),
     action, why, retries, step_restarts (0 when the training step ran once), failed_ranks (rank, exit_code,
     host, time of each rank that exited non-zero, earliest first)."""
     rows: dict[int, dict[str, Any]] = {}
@@ -148,6 +150,7 @@ def read_attempts(run_dir: Path) -> list[dict[str, Any]]:
                 "first_step": None,
                 "last_step": None,
                 "resumed_from": None,
+                "recipe_changes": [],
                 "action": None,
                 "why": None,
                 "retries": None,
@@ -167,6 +170,7 @@ def read_attempts(run_dir: Path) -> list[dict[str, Any]]:
             else:
                 row["first_step"] = ev.get("first_step")
                 row["resumed_from"] = ev.get("resumed_from")
+                row["recipe_changes"] = ev.get("recipe_changes") or []
             row["nodes"] = row["nodes"] or ev.get("nodes") or []
             row["start_time"] = row["start_time"] or ev.get("time")
         elif kind == "rank_exit":

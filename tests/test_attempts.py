@@ -248,6 +248,7 @@ def test_retry_policy_by_exit_code_on_real_jobs(tmp_path: Path) -> None:
         first, second = read_attempts(usr1.path)[:2]
         assert (first["exit_code"], first["action"], first["retries"]) == (0, "requeued", 0)
         assert second["restart_count"] == 1 and second["resumed_from"].endswith(f"step-{first['last_step']:06d}")
+        assert second["recipe_changes"] == []  # a requeue resumes with the recipe that saved the checkpoint
 
         first, second = read_attempts(comm.path)
         assert (first["exit_code"], first["action"], first["last_step"]) == (EXIT_COMM, "requeue", 2)

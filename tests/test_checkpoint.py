@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -19,8 +20,17 @@ import numpy as np
 import pytest
 import torch
 
-from seiscli.checkpoint_layout import LATEST, MANIFEST, find_latest, incompatibility, read_manifest, step_dirs
+from seiscli.checkpoint_layout import (
+    LATEST,
+    MANIFEST,
+    find_latest,
+    incompatibility,
+    read_manifest,
+    recipe_changes,
+    step_dirs,
+)
 from seiscli.recipe import Recipe, RecipeError, load_recipe, validate
+from seiscli.run_layout import read_attempts
 from seiscli.train.checkpoint import CheckpointManager
 from seiscli.train.data import build_loader
 from seiscli.train.distributed import DistEnv
@@ -209,6 +219,21 @@ def test_strategy_and_world_size_rules() -> None:
     other_world = manifest | {"strategy": "ddp", "world_size": 4}
     assert incompatibility(other_world, recipe, reshardable=True) is None
     assert "cannot reshard" in incompatibility(other_world, recipe, reshardable=False)  # type: ignore[operator]
+
+
+def test_recipe_changes_name_training_fields_only() -> None:
+    saved = tiny(**{"train.steps": 6, "data.workers": 0, "optim.lr": 1e-3})
+    manifest = {"recipe": saved.model_dump(mode="json")}
+    assert recipe_changes(manifest, saved) == []
+    assert recipe_changes({}, saved) == []  # a manifest written before recipes were kept in it
+    # loader and device knobs change speed, not what is trained
+    assert recipe_changes(manifest, tiny(**{"train.steps": 6, "data.workers": 3, "optim.lr": 1e-3})) == []
+    later = tiny(**{"train.steps": 9, "data.workers": 0, "optim.lr": 5e-4, "data.crop": [16, 16, 8]})
+    assert recipe_changes(manifest, later) == [
+        f"data.crop {list(saved.data.crop)!r} -> [16, 16, 8]",
+        "optim.lr 0.001 -> 0.0005",
+        "train.steps 6 -> 9",
+    ]
 
 
 def test_object_store_checkpoint_dir_is_refused_with_the_field(tmp_path: Path) -> None:
@@ -502,6 +527,16 @@ def test_launch_resume_continues_a_local_run_from_its_checkpoint(tmp_path: Path,
     assert [s for s, _ in _losses(new.path)] == [7, 8, 9]
     assert new.summary()["start_step"] == 6 and new.summary()["status"] == "completed"
     assert find_latest(ckpt).step == 9  # type: ignore[union-attr]
+    # Lengthening a run reshapes its learning-rate schedule from the resumed step on: said before submitting,
+    # by the trainer with the jump, and in the attempt ledger (`seis status`).
+    assert "the recipe differs from the one that saved it; from there on: train.steps 6 -> 9" in " ".join(
+        second.stderr.split()
+    )
+    job_out = (new.logs_dir / "job.out").read_text()
+    assert re.search(r"the new values apply from here on: train.steps 6 -> 9 \(learning rate \S+ at the last step "
+                     r"saved, \S+ at the next one\)", job_out), job_out  # fmt: skip
+    assert read_attempts(new.path)[0]["recipe_changes"] == ["train.steps 6 -> 9"]
+    assert "with recipe changes: train.steps 6 -> 9" in " ".join(seis(runs, "status", new.id).stdout.split())
 
 
 # -- Slurm: USR1 before the time limit -> checkpoint, requeue, resume --------------------------------------

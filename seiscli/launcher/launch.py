@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.console import Console
 
-from seiscli.checkpoint_layout import find_latest, incompatibility, resolve_dir
+from seiscli.checkpoint_layout import find_latest, incompatibility, recipe_changes, resolve_dir
 from seiscli.launcher.render import render_script
 from seiscli.launcher.runs import Run, create_run, find_run, runs_root, step_records
 from seiscli.recipe import Recipe, RecipeError, load_recipe
@@ -103,6 +103,9 @@ def plan_launch(
         if problem:
             raise RecipeError(f"--resume {resume.run_id}: cannot resume from {resume.checkpoint}: {problem}")
         notes.append(f"resuming {resume.run_id} from {resume.checkpoint} (step {resume.step})")
+        changes = recipe_changes(resume.manifest, recipe)
+        if changes:
+            notes.append("the recipe differs from the one that saved it; from there on: " + "; ".join(changes))
     if recipe.cluster.backend == "local":
         from seiscli.launcher.backends.local import fit_to_machine
 

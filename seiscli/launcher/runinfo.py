@@ -122,6 +122,9 @@ def attempts_table(rows: list[dict[str, Any]]) -> Table:
         action = (a.get("action") or "running?") + (f": {a['why']}" if a.get("why") else "")
         if a.get("step_restarts"):
             action += f" (step restarted {a['step_restarts']}x)"
+        resumed = str(a.get("resumed_from") or "-")
+        if a.get("recipe_changes"):
+            resumed += " with recipe changes: " + "; ".join(a["recipe_changes"])
         table.add_row(
             str(a["attempt"]),
             str(a.get("job_id") or "-"),
@@ -131,7 +134,7 @@ def attempts_table(rows: list[dict[str, Any]]) -> Table:
             _t(a.get("end_time")),
             exit_text,
             steps,
-            escape(str(a.get("resumed_from") or "-")),
+            escape(resumed),
             escape(action),
         )
     return table

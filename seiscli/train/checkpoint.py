@@ -25,12 +25,14 @@ from seiscli.checkpoint_layout import (
     incompatibility,
     model_section,
     read_manifest,
+    recipe_changes,
     resolve_dir,
     step_dirs,
     step_name,
 )
-from seiscli.recipe import Recipe
+from seiscli.recipe import Optim, Recipe
 from seiscli.train.errors import CheckpointError
+from seiscli.train.optim import lr_at
 
 if TYPE_CHECKING:
     from seiscli.train.distributed import DistEnv
@@ -148,6 +150,7 @@ class CheckpointManager:
         self.keep = recipe.checkpoint.keep
         self.last_step: int | None = None  # the step last saved or resumed from
         self.resumed_from: Path | None = None  # the checkpoint this attempt started from
+        self.recipe_changes: list[str] = []  # training fields changed since that checkpoint was saved
         self.synced: list[Path] = []  # the files this rank fsynced in the last save
 
     # -- collectives ---------------------------------------------------------------------------
@@ -334,6 +337,14 @@ class CheckpointManager:
             print(f"resumed from {found.path} at step {step}{note}", flush=True)
         self.last_step = step
         self.resumed_from = found.path
+        self.recipe_changes = recipe_changes(found.manifest, self.recipe)
+        if self.env.is_main and self.recipe_changes:
+            print(
+                f"note: this recipe differs from the one that saved step {step}; the new values apply from here on: "
+                + "; ".join(self.recipe_changes)
+                + _lr_jump(found.manifest["recipe"], self.recipe, step),
+                flush=True,
+            )
         return step
 
     def _try_load(self, found: Found, engine: Engine) -> tuple[dict[str, Any] | None, str | None]:
@@ -373,3 +384,17 @@ class CheckpointManager:
             )
         self._barrier()
         return self._from_main(target.name)
+
+
+def _lr_jump(saved: dict[str, Any], recipe: Recipe, step: int) -> str:
+    """Where the learning rate goes at the resumed step, when a changed schedule moves it (a warm restart
+    changes what the run learns: in QUALITY.md, runs lengthened this way ended well behind runs trained on one
+    schedule for the same samples)."""
+    try:
+        before = lr_at(step - 1, Optim.model_validate(saved["optim"]), int(saved["train"]["steps"]))
+    except (KeyError, TypeError, ValueError):  # a manifest of an older schema: say nothing rather than fail
+        return ""
+    after = lr_at(step, recipe.optim, recipe.train.steps)
+    if abs(after - before) <= 0.05 * max(abs(before), abs(after)):
+        return ""
+    return f" (learning rate {before:.3g} at the last step saved, {after:.3g} at the next one)"

@@ -78,6 +78,7 @@ def train(recipe: Recipe, run_dir: Path, started: float, *, sweep: bool = False,
             world_size=env.world_size,
             first_step=start,
             resumed_from=checkpoints.resumed_from if checkpoints else None,
+            recipe_changes=checkpoints.recipe_changes if checkpoints else None,
         )
         trainer = Trainer(recipe, env, engine, loader, plan, recipe_flops(recipe, plan), run_dir, checkpoints)
         result = trainer.run(start_step=start, started=started)

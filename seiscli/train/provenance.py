@@ -135,7 +135,14 @@ def gather_hosts(distributed: bool) -> list[str]:
 
 
 def record_start(
-    run_dir: Path, *, is_main: bool, distributed: bool, world_size: int, first_step: int, resumed_from: Path | None
+    run_dir: Path,
+    *,
+    is_main: bool,
+    distributed: bool,
+    world_size: int,
+    first_step: int,
+    resumed_from: Path | None,
+    recipe_changes: list[str] | None = None,
 ) -> None:
     """Collective (every rank calls it): rank 0 writes provenance/attempt-<k>.json and the ledger's trainer line."""
     ranks = gather_hosts(distributed)
@@ -161,6 +168,7 @@ def record_start(
             "time": time.time(),
             "first_step": first_step + 1,
             "resumed_from": str(resumed_from) if resumed_from else None,
+            "recipe_changes": recipe_changes or [],
             "world_size": world_size,
             "nodes": nodes,
         },

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from seiscli.recipe import Recipe
+from seiscli.recipe import Recipe, flatten
 from seiscli.train.errors import LaunchError
 
 TENSORBOARD_DIR = "tensorboard"
@@ -177,7 +177,7 @@ class _Mlflow:
         self.run_id = run.info.run_id
         # A param cannot change its value in MLflow: an attempt logs only the fields an earlier one did not.
         logged = run.data.params
-        params = [Param(k, str(v)) for k, v in _flat(config).items() if v is not None and k not in logged]
+        params = [Param(k, str(v)) for k, v in flatten(config).items() if v is not None and k not in logged]
         client.log_batch(self.run_id, params=params)
         self.failed: str | None = None
         self._queue: queue.Queue[list[Any] | None] = queue.Queue(maxsize=10_000)
@@ -216,13 +216,3 @@ class _Mlflow:
         if self.failed:
             raise RuntimeError(self.failed)
         self.client.set_terminated(self.run_id, status=_MLFLOW_STATUS[status])
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= _flat(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = str(v) if isinstance(v, (list, tuple)) else v
-    return out
