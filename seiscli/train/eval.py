@@ -156,7 +156,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             runs = {
                 "trained": lambda c: probe.token_features(model, c),
                 "random_encoder": lambda c: probe.token_features(floor_model, c),
-                "raw_voxels": lambda c: probe.voxel_features(c, recipe.model.patch_size),
+                "raw_voxels": lambda c: probe.voxel_features(c.to(device), recipe.model.patch_size),
             }
             kw = {"steps": probe_steps, "seed": seed}
             got = {

@@ -25,12 +25,12 @@ FIT_POOL = 2
 
 @torch.no_grad()
 def token_features(model: MaskedAutoencoder3D, crops: torch.Tensor, batch: int = 4) -> torch.Tensor:
-    """Encoder features of whole crops, nothing masked: (n, D, gz, gy, gx) float32 on the CPU."""
+    """Encoder features of whole crops, nothing masked: (n, D, gz, gy, gx) float32 on the model's device."""
     device, p = next(model.parameters()).device, model.patch_size
     out = []
     for first in range(0, crops.shape[0], batch):
         x = crops[first : first + batch]
-        f = model.features(patchify(x, p).to(device)).float().cpu()
+        f = model.features(patchify(x, p).to(device)).float()
         out.append(f.transpose(1, 2).reshape(x.shape[0], -1, *model.grid))
     return torch.cat(out)
 
@@ -52,12 +52,12 @@ class ProbeResult:
 
 
 class LinearProbe:
-    def __init__(self, channels: int, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.weight = (torch.randn(channels, generator=g) * 0.01).requires_grad_()
-        self.bias = torch.zeros(1, requires_grad=True)
-        self.mean = torch.zeros(channels)
-        self.std = torch.ones(channels)
+    def __init__(self, channels: int, seed: int, device: torch.device) -> None:
+        g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same start on every device
+        self.weight = (torch.randn(channels, generator=g) * 0.01).to(device).requires_grad_()
+        self.bias = torch.zeros(1, device=device, requires_grad=True)
+        self.mean = torch.zeros(channels, device=device)
+        self.std = torch.ones(channels, device=device)
 
     def logits(self, feats: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
         """(n, D, gz, gy, gx) -> voxel logits (n, cz, cy, cx)."""
@@ -75,7 +75,7 @@ class LinearProbe:
         pos = float(y.mean())
         if pos in (0.0, 1.0):
             raise ValueError("the probe's training crops hold no fault voxels (or only fault voxels); use more crops")
-        pos_weight = torch.tensor((1 - pos) / pos)
+        pos_weight = torch.tensor((1 - pos) / pos, device=feats.device)
         opt = torch.optim.Adam([self.weight, self.bias], lr=lr)
         for _ in range(steps):
             loss = F.binary_cross_entropy_with_logits(self.logits(feats, y.shape[1:]), y, pos_weight=pos_weight)
@@ -112,10 +112,13 @@ def run_probe(
     seed: int = 0,
 ) -> ProbeResult:
     """Fit the probe on the training crops' features (token_features of a frozen encoder, or voxel_features);
-    score it on the held-out crops."""
+    score it on the held-out crops. It runs where the features are (the encoder's device: a pretrain-sized
+    probe is voxel-sized work, too slow for a CPU)."""
     size = tuple(train_crops.shape[2:])
     train_f, test_f = features(train_crops), features(test_crops)
-    probe = LinearProbe(train_f.shape[1], seed)
+    device = train_f.device
+    train_labels, test_labels = train_labels.to(device), test_labels.to(device)
+    probe = LinearProbe(train_f.shape[1], seed, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         probe.fit(train_f, train_labels, steps, lr)
@@ -123,4 +126,4 @@ def run_probe(
         threshold, train_f1 = _best_threshold(torch.sigmoid(probe.logits(train_f, size)), train_labels)
         prob = torch.sigmoid(probe.logits(test_f, size))
     iou, f1 = scores(prob >= threshold, test_labels)
-    return ProbeResult(iou, f1, threshold, train_f1, prob)
+    return ProbeResult(iou, f1, threshold, train_f1, prob.cpu())
