@@ -174,10 +174,10 @@ def test_periodic_eval_logs_the_held_out_loss_beside_the_training_loss(tmp_path:
 
 @pytest.mark.slow
 def test_eval_of_each_strategys_checkpoint_gives_the_same_numbers(tmp_path: Path) -> None:
-    """One recipe trained by DDP, FSDP2 and ZeRO-2 on 2 processes (equivalent training, pinned by their own tests);
-    each checkpoint is loaded on one process (FSDP2's DCP shards resharded, ZeRO's partitions merged)."""
+    """One recipe trained by DDP, FSDP2, ZeRO-2 and ZeRO-3 on 2 processes (equivalent training, pinned by their own
+    tests); each checkpoint is loaded on one process (FSDP2's DCP shards resharded, ZeRO's partitions merged)."""
     results = {}
-    for strategy in ("ddp", "fsdp2", "zero2"):
+    for strategy in ("ddp", "fsdp2", "zero2", "zero3"):
         run_dir = _train(tmp_path, strategy, {**SMALL, "parallelism.strategy": strategy, "eval.interval": 4}, nproc=2)
         results[strategy] = _eval(run_dir, tmp_path, "--probe-crops", "2", "--probe-steps", "20", "--no-pictures")
         # Periodic eval ran collectively inside the strategy (sharded forward for FSDP2) and agrees with it.
@@ -185,13 +185,27 @@ def test_eval_of_each_strategys_checkpoint_gives_the_same_numbers(tmp_path: Path
         assert last["eval_loss"] == pytest.approx(results[strategy]["reconstruction"]["loss"], rel=1e-5)
     ref = results["ddp"]
     assert ref["saved_world_size"] == 2
-    for strategy in ("fsdp2", "zero2"):
+    for strategy in ("fsdp2", "zero2", "zero3"):
         got = results[strategy]
         assert got["strategy"] == strategy and got["saved_world_size"] == 2
         assert got["reconstruction"]["loss"] == pytest.approx(ref["reconstruction"]["loss"], rel=1e-4)
         assert got["reconstruction"]["psnr_db"] == pytest.approx(ref["reconstruction"]["psnr_db"], rel=1e-4)
         assert got["probe"]["trained"]["iou"] == pytest.approx(ref["probe"]["trained"]["iou"], abs=1e-3)
         assert got["probe"]["random_encoder"] == ref["probe"]["random_encoder"]  # the same initialisation
+
+
+@pytest.mark.slow
+def test_periodic_eval_under_context_parallelism_equals_seis_eval(tmp_path: Path) -> None:
+    """cp=2: each rank of the group holds a slab of every held-out crop; the group's eval loss is the loss of
+    whole crops, as `seis eval` computes it on one process."""
+    over = {**SMALL, "parallelism.strategy": "fsdp2", "parallelism.cp": 2, "eval.interval": 2}
+    run_dir = _train(tmp_path, "cp2", over, nproc=2)
+    result = _eval(run_dir, tmp_path, "--probe-crops", "0", "--no-pictures")
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "eval_loss" in r] == [2, 4]
+    assert result["saved_world_size"] == 2 and result["reconstruction"]["loss"] == pytest.approx(
+        lines[-1]["eval_loss"], rel=1e-5
+    )
 
 
 def test_seis_eval_in_the_launcher_imports_neither_torch_nor_the_trainer(tmp_path: Path) -> None:
