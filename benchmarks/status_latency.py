@@ -8,7 +8,8 @@ the interpreter's own start and `seis --help` (the CLI's import cost), so the sh
 the scheduler queries is visible. "unfinished" runs all need the scheduler (one squeue call, one sacct call,
 one read of the jobcomp log); "finished" runs are answered from their submission.json alone. Every run also
 has an attempt ledger (3 attempts) and provenance (launch.json, attempt-1.json with ~150 packages), as real
-runs do, and `seis show RUN` / `seis status RUN` are timed on one of them.
+runs do, and `seis show RUN` / `seis status RUN` / `seis top RUN --once` / `seis logs RUN --errors` are timed on
+one of them.
 """
 
 from __future__ import annotations
@@ -85,9 +86,9 @@ def main() -> None:
             secs = wall([py, "-m", "seiscli", "status"], env, args.repeat)
             table.add_row("seis status (table)", f"{args.runs} {label}", f"{secs:.3f}")
             one = f"bench-{'running' if label == 'unfinished' else 'completed'}"
-            for cmd in (["show", one], ["status", one]):
+            for cmd in (["show", one], ["status", one], ["top", one, "--once"], ["logs", one, "--errors"]):
                 secs = wall([py, "-m", "seiscli", *cmd], env, args.repeat)
-                table.add_row(f"seis {cmd[0]} RUN", f"1 of {args.runs} {label}", f"{secs:.3f}")
+                table.add_row(f"seis {cmd[0]} RUN {' '.join(cmd[2:])}", f"1 of {args.runs} {label}", f"{secs:.3f}")
     console = Console()
     when = time.strftime("%Y-%m-%d %H:%M")
     console.print(f"{platform.node()}, {os.cpu_count()} CPUs, {when}, median of {args.repeat} processes")
