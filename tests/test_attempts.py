@@ -22,7 +22,7 @@ from seiscli.launcher.runs import Run
 from seiscli.recipe import PROJECT_ROOT, load_recipe
 from seiscli.run_layout import EXIT_COMM, EXIT_FAILED, EXIT_LOADER, append_event, read_attempts, retry_reason
 from seiscli.train.provenance import classify_exit
-from tests.test_slurm import seis, status_json, wait_for
+from tests.test_slurm import release_requeued, seis, status_json, wait_for
 
 STEPS = "4"
 FINISHED = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT, JobState.OUT_OF_MEMORY}
@@ -207,9 +207,8 @@ def _sets(*items: str) -> list[str]:
 
 
 def _release_when_requeued(run: Run, timeout: float = 300) -> None:
-    """Slurm holds a requeued batch job ~2 minutes (BeginTime); let it start now."""
     wait_for(run, {JobState.REQUEUED}, timeout)
-    assert run_slurm(["scontrol", "update", f"JobId={run.submission()['job_id']}", "StartTime=now"]).rc == 0
+    release_requeued(run.submission()["job_id"])
 
 
 @pytest.mark.slurm

@@ -548,7 +548,7 @@ def test_slurm_usr1_warning_checkpoints_requeues_and_the_next_attempt_resumes(tm
     from seiscli.launcher.backends.base import JobState
     from seiscli.launcher.backends.slurm import run_slurm
     from seiscli.launcher.runs import iter_runs
-    from tests.test_slurm import wait_for
+    from tests.test_slurm import release_requeued, wait_for
 
     runs = tmp_path / "runs"
     # A 3-minute limit with the warning 150 s before it. Slurm may send USR1 up to a minute early, so it often
@@ -566,16 +566,14 @@ def test_slurm_usr1_warning_checkpoints_requeues_and_the_next_attempt_resumes(tm
         assert saved is not None and saved.step == summary["steps"]
         first = (run.logs_dir / "rank-0.log").read_text()
         assert f"checkpoint {saved.path}" in first and f"job {job_id} requeued" in first
-        # Slurm holds a requeued batch job ~2 minutes (BeginTime) before it may start again; release it once it
-        # is back to PENDING. Released earlier, while the last attempt is still being torn down on the node, the
-        # new attempt can fail at launch (seen on this one-host cluster).
+        # Released once it is back to PENDING (and not within the second of its requeue: release_requeued).
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             steps = [s for s, _ in _losses(run.path)] if run.metrics_path.exists() else []
             if steps and steps[-1] > saved.step:
                 break
             if run_slurm(["squeue", "-h", "-j", str(job_id), "-o", "%T"]).out.strip() == "PENDING":
-                run_slurm(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+                release_requeued(str(job_id))
             time.sleep(2)
         log = (run.logs_dir / "rank-0.log").read_text()
         assert f"resumed from {saved.path} at step {saved.step}" in log

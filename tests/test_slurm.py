@@ -52,6 +52,15 @@ def status_json(runs: Path, ref: str | None = None, env: dict[str, str] | None =
     return rows[0] if ref else rows
 
 
+def release_requeued(job_id: str) -> None:
+    """Let a requeued job start now: Slurm holds it ~2 minutes (BeginTime), long for a test. Not within the
+    second of its requeue: slurmd refuses a credential whose creation second is not after the one it revoked
+    (slurm_cred.c: `cred->ctime <= j->revoked`), and the new attempt dies at launch with "Job credential revoked"
+    (seen in CI)."""
+    time.sleep(2)
+    assert run_slurm(["scontrol", "update", f"JobId={job_id}", "StartTime=now"]).rc == 0
+
+
 def wait_for(run: Run, states: set[JobState], timeout: float, *, reason: bool = False) -> dict[str, Any]:
     """Poll (in process, one squeue call a second) until the run reaches one of `states`."""
     deadline = time.monotonic() + timeout
@@ -278,8 +287,7 @@ def test_requeue_on_usr1_after_checkpoint(tmp_path: Path) -> None:
     row = status_json(runs, run.id)
     assert row["state"] == "REQUEUED" and row["restarts"] == 1
     assert "REQUEUED (restart 1" in seis("status", runs=runs).stdout
-    # Slurm holds a requeued batch job ~2 minutes (BeginTime) before it may start again; release it now.
-    assert run_slurm(["scontrol", "update", f"JobId={job_id}", "StartTime=now"]).rc == 0
+    release_requeued(job_id)
     wait_for(run, {JobState.COMPLETED, JobState.FAILED}, 120)
     row = status_json(runs, run.id)
     assert row["state"] == "COMPLETED" and row["restarts"] == 1
