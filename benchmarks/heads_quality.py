@@ -73,7 +73,9 @@ def run(cmd: list[str], log: Path) -> None:
 def one(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]:
     recipe = recipe_for(variant, seed, args.volume, args.steps, args.batch, args.device, args.workers)
     run_dir = args.work / recipe.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists():  # the trainer would resume its checkpoint: a lengthened run, not the one asked for
+        sys.exit(f"{run_dir} exists (an earlier run's); remove it or pass another --work")
+    run_dir.mkdir(parents=True)
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     t0 = time.perf_counter()
     run([sys.executable, "-m", "seiscli.train", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir)],

@@ -40,8 +40,18 @@ _MODEL_FREE = frozenset({"attention"})
 # resumed step on, so the change is said and recorded. Knobs that change speed, not what is trained, are left out.
 _TRAINING_SECTIONS = ("train", "optim", "data")
 _SPEED_ONLY = frozenset(
-    {"train.device", "train.threads", "data.workers", "data.prefetch", "data.lookahead", "data.concurrency"}
-    | {"data.retries", "data.s3_client", "data.endpoint_url", "data.region"}
+    {
+        "train.device",
+        "train.threads",
+        "data.workers",
+        "data.prefetch",
+        "data.lookahead",
+        "data.concurrency",
+        "data.retries",
+        "data.s3_client",
+        "data.endpoint_url",
+        "data.region",
+    }
 )
 
 
