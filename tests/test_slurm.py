@@ -59,9 +59,9 @@ def release_requeued(job_id: str) -> None:
     (seen in CI)."""
     time.sleep(2)
     out = run_slurm(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
-    # Refused only because the job left PENDING meanwhile (an earlier release took effect): what was wanted.
-    state = run_slurm(["squeue", "-h", "-j", job_id, "-o", "%T"]).out.strip()
-    assert out.rc == 0 or state != "PENDING", (out.err, state)
+    if out.rc != 0:  # fine only if the job left PENDING meanwhile (an earlier release took effect)
+        state = run_slurm(["squeue", "-h", "-j", job_id, "-o", "%T"]).out.strip()
+        assert state != "PENDING", (out.err, state)
 
 
 def wait_for(run: Run, states: set[JobState], timeout: float, *, reason: bool = False) -> dict[str, Any]:
